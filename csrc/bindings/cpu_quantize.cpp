@@ -1,0 +1,102 @@
+// Bindings of the CPU quantize/dequantize launchers (csrc/ref/quantize_ref.h, csrc/cpu/quantize.h).
+#include "bindings/common.h"
+#include "bindings/cpu_bindings.h"
+#include "cpu/quantize.h"
+
+namespace nf4lora {
+
+using namespace bind;
+
+namespace {
+
+NF4Scales make_scales(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
+                      float offset) {
+  NF4Scales s;
+  s.absmax = ptr<const float>(absmax);
+  s.qabsmax = ptr<const uint8_t>(qabsmax);
+  s.absmax2 = ptr<const float>(absmax2);
+  s.code8 = ptr<const float>(code8);
+  s.offset = offset;
+  return s;
+}
+
+DType to_dtype(int d) {
+  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  return static_cast<DType>(d);
+}
+
+}  // namespace
+
+void register_cpu_quantize(py::module_& m) {
+  m.def(
+      "nf4_quantize",
+      [](uintptr_t w, int dtype, int64_t n, int64_t blocksize, uintptr_t packed, uintptr_t absmax,
+         const std::string& impl) {
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ref ? nf4_quantize_ref(ptr<const void>(w), d, n, blocksize, ptr<uint8_t>(packed),
+                                     ptr<float>(absmax))
+                  : nf4_quantize_cpu(ptr<const void>(w), d, n, blocksize, ptr<uint8_t>(packed),
+                                     ptr<float>(absmax));
+        }
+        check(s, "nf4_quantize");
+      },
+      py::arg("w"), py::arg("dtype"), py::arg("n"), py::arg("blocksize"), py::arg("packed"),
+      py::arg("absmax"), py::arg("impl") = "fast");
+
+  m.def(
+      "nf4_dequantize",
+      [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
+         float offset, int64_t n, int64_t blocksize, uintptr_t out, int dtype,
+         const std::string& impl) {
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        const NF4Scales sc = make_scales(absmax, qabsmax, absmax2, code8, offset);
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ref ? nf4_dequantize_ref(ptr<const uint8_t>(packed), sc, n, blocksize, ptr<void>(out), d)
+                  : nf4_dequantize_cpu(ptr<const uint8_t>(packed), sc, n, blocksize, ptr<void>(out), d);
+        }
+        check(s, "nf4_dequantize");
+      },
+      py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
+      py::arg("code8"), py::arg("offset"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
+      py::arg("dtype"), py::arg("impl") = "fast");
+
+  m.def(
+      "absmax_quantize",
+      [](uintptr_t absmax, int64_t nblocks, float offset, uintptr_t code8, uintptr_t qabsmax,
+         uintptr_t absmax2) {
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = absmax_quantize_ref(ptr<const float>(absmax), nblocks, offset,
+                                  ptr<const float>(code8), ptr<uint8_t>(qabsmax),
+                                  ptr<float>(absmax2));
+        }
+        check(s, "absmax_quantize");
+      },
+      py::arg("absmax"), py::arg("nblocks"), py::arg("offset"), py::arg("code8"),
+      py::arg("qabsmax"), py::arg("absmax2"));
+
+  m.def(
+      "absmax_dequantize",
+      [](uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8, float offset, int64_t nblocks,
+         uintptr_t absmax) {
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = absmax_dequantize_ref(ptr<const uint8_t>(qabsmax), ptr<const float>(absmax2),
+                                    ptr<const float>(code8), offset, nblocks, ptr<float>(absmax));
+        }
+        check(s, "absmax_dequantize");
+      },
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
+      py::arg("nblocks"), py::arg("absmax"));
+}
+
+}  // namespace nf4lora

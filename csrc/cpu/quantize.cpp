@@ -1,0 +1,63 @@
+// Dispatch for CPU NF4 quantize/dequantize: argument checks, OpenMP over block ranges, AVX2 or
+// scalar per range, the scalar reference for the partial last block.
+#include "cpu/quantize.h"
+
+#include <omp.h>
+
+#include "cpu/cpu_features.h"
+
+namespace nf4lora {
+
+namespace {
+// Blocks per OpenMP chunk: large enough to amortise scheduling, small enough to balance 2..64 cores.
+constexpr int64_t kChunkElems = 1 << 16;
+}
+
+Status nf4_quantize_cpu(const void* w, DType dtype, int64_t n, int64_t blocksize, uint8_t* packed,
+                        float* absmax) {
+  if (!blocksize_valid(blocksize)) return Status::kBadBlocksize;
+  if (n <= 0) return Status::kBadSize;
+  if (!w || !packed || !absmax) return Status::kNullPointer;
+  const int64_t full = n / blocksize;  // full blocks
+  const int64_t chunk = kChunkElems / blocksize > 0 ? kChunkElems / blocksize : 1;
+  const bool fast = use_avx2();
+  bool nonfinite = false;
+#pragma omp parallel for schedule(dynamic, 1) reduction(|| : nonfinite)
+  for (int64_t c = 0; c < ceil_div(full, chunk); ++c) {
+    const int64_t b0 = c * chunk, b1 = b0 + chunk < full ? b0 + chunk : full;
+    bool bad = false;
+    if (fast)
+      nf4_quantize_blocks_avx2(w, dtype, blocksize, b0, b1, packed, absmax, &bad);
+    else
+      nf4_quantize_blocks_ref(w, dtype, n, blocksize, b0, b1, packed, absmax, &bad);
+    nonfinite = nonfinite || bad;
+  }
+  if (full * blocksize < n)
+    nf4_quantize_blocks_ref(w, dtype, n, blocksize, full, full + 1, packed, absmax, &nonfinite);
+  return nonfinite ? Status::kNonFinite : Status::kOk;
+}
+
+Status nf4_dequantize_cpu(const uint8_t* packed, const NF4Scales& scales, int64_t n,
+                          int64_t blocksize, void* out, DType dtype) {
+  if (!blocksize_valid(blocksize)) return Status::kBadBlocksize;
+  if (n <= 0) return Status::kBadSize;
+  if (!packed || !out) return Status::kNullPointer;
+  if (scales.check() != Status::kOk) return scales.check();
+  const int64_t full = n / blocksize;
+  const int64_t chunk = kChunkElems / blocksize > 0 ? kChunkElems / blocksize : 1;
+  const bool fast = use_avx2();
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t c = 0; c < ceil_div(full, chunk); ++c) {
+    const int64_t b0 = c * chunk, b1 = b0 + chunk < full ? b0 + chunk : full;
+    if (fast) {
+      nf4_dequantize_blocks_avx2(packed, scales, blocksize, b0, b1, out, dtype);
+    } else {
+      nf4_dequantize_elems_ref(packed, scales, blocksize, b0 * blocksize, b1 * blocksize, out, dtype);
+    }
+  }
+  // partial last block
+  nf4_dequantize_elems_ref(packed, scales, blocksize, full * blocksize, n, out, dtype);
+  return Status::kOk;
+}
+
+}  // namespace nf4lora
