@@ -50,9 +50,9 @@ void register_cuda_quantize(py::module_& m) {
       py::arg("dtype"), py::arg("stream"));
   m.def(
       "absmax_quantize",
-      [](uintptr_t absmax, int64_t nblocks, uintptr_t offset, uintptr_t code8, uintptr_t qabsmax,
+      [](uintptr_t absmax, int64_t nblocks, float offset, uintptr_t code8, uintptr_t qabsmax,
          uintptr_t absmax2, uintptr_t stream) {
-        check_cuda(cuda::absmax_quantize(ptr<const float>(absmax), nblocks, ptr<const float>(offset),
+        check_cuda(cuda::absmax_quantize(ptr<const float>(absmax), nblocks, offset,
                                          ptr<const float>(code8), ptr<uint8_t>(qabsmax),
                                          ptr<float>(absmax2), cuda::as_stream(stream)),
                    "absmax_quantize");

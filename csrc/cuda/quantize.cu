@@ -2,7 +2,7 @@
 //   nf4_quantize:    one warp per NF4 block (blocksize 32..4096): warp max-reduce of |w|, then each
 //                    lane encodes element pairs and writes whole bytes.        grid: ceil(nb/8) x 256
 //   nf4_dequantize:  one thread per 4 packed bytes (8 values), block scale decoded in-kernel.
-//   absmax_quantize: one warp per 256-block of absmax (offset is a device scalar from torch.mean).
+//   absmax_quantize: one warp per 256-block of absmax (offset = torch's float32 mean, passed in).
 // Index arithmetic is 64-bit throughout.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -84,7 +84,7 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
 }
 
 __global__ void absmax_quantize_kernel(const float* __restrict__ absmax, int64_t nblocks,
-                                       const float* __restrict__ offset_ptr,
+                                       float offset,
                                        const float* __restrict__ code8, uint8_t* __restrict__ qabsmax,
                                        float* __restrict__ absmax2) {
   const int lane = threadIdx.x & 31;
@@ -92,7 +92,6 @@ __global__ void absmax_quantize_kernel(const float* __restrict__ absmax, int64_t
   if (g * kNestedBlocksize >= nblocks) return;
   const int64_t begin = g * kNestedBlocksize;
   const int64_t end = min(begin + kNestedBlocksize, nblocks);
-  const float offset = *offset_ptr;
   float amax = 0.0f;
   for (int64_t i = begin + lane; i < end; i += 32) amax = fmaxf(amax, fabsf(__fsub_rn(absmax[i], offset)));
   amax = warp_max(amax);
@@ -133,10 +132,10 @@ Status nf4_dequantize(const uint8_t* packed, const NF4Scales& scales, int64_t n,
   return last_launch_status();
 }
 
-Status absmax_quantize(const float* absmax, int64_t nblocks, const float* offset,
+Status absmax_quantize(const float* absmax, int64_t nblocks, float offset,
                        const float* code8, uint8_t* qabsmax, float* absmax2, cudaStream_t stream) {
   if (nblocks <= 0) return Status::kBadSize;
-  if (!absmax || !offset || !code8 || !qabsmax || !absmax2) return Status::kNullPointer;
+  if (!absmax || !code8 || !qabsmax || !absmax2) return Status::kNullPointer;
   const int64_t grid = ceil_div(n_nested_blocks(nblocks), kWarpsPerCta);
   absmax_quantize_kernel<<<static_cast<unsigned>(grid), kWarpsPerCta * 32, 0, stream>>>(
       absmax, nblocks, offset, code8, qabsmax, absmax2);

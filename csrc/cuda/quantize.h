@@ -14,7 +14,7 @@ Status nf4_quantize(const void* w, DType dtype, int64_t n, int64_t blocksize, ui
                     float* absmax, int* nonfinite_flag, cudaStream_t stream);
 Status nf4_dequantize(const uint8_t* packed, const NF4Scales& scales, int64_t n, int64_t blocksize,
                       void* out, DType dtype, cudaStream_t stream);
-Status absmax_quantize(const float* absmax, int64_t nblocks, const float* offset,
+Status absmax_quantize(const float* absmax, int64_t nblocks, float offset,
                        const float* code8, uint8_t* qabsmax, float* absmax2, cudaStream_t stream);
 
 }  // namespace cuda

@@ -1,0 +1,104 @@
+"""Pure-torch reference of every op: readable, any device, any float dtype (float64 included).
+
+It follows DESIGN.md "NF4 format" line by line and is what gradcheck runs through. The native
+backends (cpu.py, cuda.py) register faster kernels for their devices and fall back to these
+functions for what they do not cover (e.g. float64).
+"""
+import math
+
+import torch
+
+from ..nf4_format import NF4_CODE, NF4_MIDPOINTS
+from .state import check_nf4_state
+
+OP = "nf4lora::"
+
+
+def quantize_nf4(w, blocksize):
+    n = w.numel()
+    flat = w.reshape(-1).float()
+    nb = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("w contains NaN or Inf")
+    # x = w * (1/absmax), absmax clamped to 1e-38 before inverting (zero blocks give x = 0)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    x = (blocks * inv[:, None]).reshape(-1)[:n]
+    # code = number of midpoints strictly below x (bucketize, right=False)
+    codes = torch.bucketize(x, NF4_MIDPOINTS.to(w.device)).to(torch.uint8)
+    if n % 2:
+        codes = torch.cat([codes, codes.new_full((1,), 7)])
+    packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, absmax
+
+
+def code8_encode(x, code8):
+    """Exact-nearest index of x in the sorted 256-entry code8: bitsandbytes' CUDA dQuantize search."""
+    pivot = torch.full_like(x, 127, dtype=torch.long)
+    upper_p = torch.full_like(pivot, 255)
+    lower_p = torch.zeros_like(pivot)
+    lower = torch.full_like(x, -1.0)
+    upper = torch.full_like(x, 1.0)
+    val = code8[pivot]
+    step = 64
+    while step > 0:
+        gt = x > val
+        lower_p, lower = torch.where(gt, pivot, lower_p), torch.where(gt, val, lower)
+        upper_p, upper = torch.where(gt, upper_p, pivot), torch.where(gt, upper, val)
+        pivot = torch.where(gt, pivot + step, pivot - step)
+        val = code8[pivot]
+        step //= 2
+    upper = torch.where(upper_p == 255, code8[255], upper)
+    lower = torch.where(lower_p == 0, code8[0], lower)
+    gt = x > val
+    up = torch.where(x > (upper + val) * 0.5, upper_p, pivot)
+    down = torch.where(x < (lower + val) * 0.5, lower_p, pivot)
+    return torch.where(gt, up, down).to(torch.uint8)
+
+
+def quantize_absmax(absmax, offset, code8):
+    nb = absmax.numel()
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("absmax contains NaN or Inf")
+    groups = -(-nb // 256)
+    v = absmax.float() - torch.tensor(offset, dtype=torch.float32, device=absmax.device)
+    vp = torch.nn.functional.pad(v, (0, groups * 256 - nb)).view(groups, 256)
+    absmax2 = vp.abs().amax(dim=1)
+    inv = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
+    x = (vp * inv[:, None]).reshape(-1)[:nb]
+    q = code8_encode(x, code8.to(absmax.device))
+    zero_group = (absmax2 == 0).repeat_interleave(256)[:nb]
+    q = torch.where(zero_group, torch.full_like(q, 127), q)  # index of 0.0 in the signed code
+    return q, absmax2
+
+
+def dequantize_absmax(qabsmax, absmax2, code8, offset):
+    scale = absmax2.repeat_interleave(256)[: qabsmax.numel()]
+    # two float32 roundings, never fused: code*scale, then + offset (as bitsandbytes)
+    return code8[qabsmax.long()] * scale + torch.tensor(offset, dtype=torch.float32, device=qabsmax.device)
+
+
+def block_absmax(absmax, absmax2, code8, offset):
+    """Per-block float32 absmax of a plain or double-quantized state."""
+    if absmax2 is None:
+        return absmax
+    return dequantize_absmax(absmax, absmax2, code8, offset)
+
+
+def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype):
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
+    n = math.prod(shape)
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
+    scale = block_absmax(absmax, absmax2, code8, offset).repeat_interleave(blocksize)[:n]
+    values = NF4_CODE.to(packed.device)[codes] * scale  # float32 product, then round to dtype
+    return values.to(dtype).reshape(shape)
+
+
+def _register():
+    for name, fn in (("quantize_nf4", quantize_nf4), ("quantize_absmax", quantize_absmax),
+                     ("dequantize_absmax", dequantize_absmax), ("dequantize_nf4", dequantize_nf4)):
+        torch.library.register_kernel(OP + name, None, fn)
+
+
+_register()

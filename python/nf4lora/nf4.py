@@ -1,0 +1,245 @@
+"""NF4Tensor: a weight in 4-bit NormalFloat with (optionally double-quantized) block scales, and
+its bitsandbytes Linear4bit serialization. DESIGN.md "NF4 format" gives the layout."""
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from . import _ops  # noqa: F401  (defines torch.ops.nf4lora.*)
+from . import backends  # noqa: F401  (registers the kernels)
+from ._checks import FLOAT_DTYPES, check_blocksize, check_tensor
+from .backends.state import check_nf4_state
+from .nf4_format import DYNAMIC_SIGNED, NESTED_BLOCKSIZE, NF4_CODE
+
+_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+class NF4Tensor:
+    """Packed NF4 codes plus the quantization state of one weight.
+
+    Attributes (n = prod(shape), nb = ceil(n / blocksize)):
+      packed    uint8 [(n+1)//2]           two codes per byte, element 2i in the high nibble
+      absmax    float32 [nb], or uint8 [nb] codes into code8 when double-quantized
+      absmax2   float32 [ceil(nb/256)] or None (bitsandbytes' nested_absmax)
+      code8     float32 [256] or None       (bitsandbytes' nested_quant_map)
+      offset    float                       (bitsandbytes' nested_offset)
+      shape, dtype (of the original weight), blocksize
+    """
+
+    __slots__ = ("packed", "absmax", "absmax2", "code8", "offset", "shape", "dtype", "blocksize")
+
+    def __init__(self, packed, absmax, shape, dtype, blocksize, absmax2=None, code8=None, offset=0.0):
+        shape = torch.Size(shape)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        check_blocksize(blocksize)
+        if (absmax2 is None) != (code8 is None):
+            raise ValueError("absmax2 and code8 must be given together (double quantization)")
+        packed = packed.reshape(-1)
+        check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
+        if not math.isfinite(offset):
+            raise ValueError(f"offset must be finite, got {offset}")
+        self.packed, self.absmax, self.absmax2, self.code8 = packed, absmax, absmax2, code8
+        self.offset = float(offset)
+        self.shape, self.dtype, self.blocksize = shape, dtype, int(blocksize)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of packed codes and scales (what a kernel streams)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self):
+        return [t for t in (self.packed, self.absmax, self.absmax2, self.code8) if t is not None]
+
+    def __repr__(self):
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={_dtype_name(self.dtype)}, "
+                f"blocksize={self.blocksize}{dq}, device={self.device})")
+
+    # ------------------------------------------------------------------ conversion
+    def _map(self, fn):
+        return NF4Tensor(fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize,
+                         None if self.absmax2 is None else fn(self.absmax2),
+                         None if self.code8 is None else fn(self.code8), self.offset)
+
+    def to(self, device) -> "NF4Tensor":
+        return self._map(lambda t: t.to(device))
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, device=None):
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def clone(self):
+        return self._map(torch.clone)
+
+    def block_absmax(self) -> torch.Tensor:
+        """float32 [nb]: the per-block scales (decoded when double-quantized)."""
+        if not self.double_quant:
+            return self.absmax
+        return torch.ops.nf4lora.dequantize_absmax(self.absmax, self.absmax2, self.code8, self.offset)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        return dequantize_nf4(self, dtype)
+
+    # ------------------------------------------------------------------ bitsandbytes layout
+    def to_bnb_state_dict(self, prefix="weight"):
+        """The keys bitsandbytes' Linear4bit writes (QuantState.as_dict(packed=True) + weight)."""
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                "shape": list(self.shape)}
+        sd = {prefix: self.packed.reshape(-1, 1), f"{prefix}.absmax": self.absmax,
+              f"{prefix}.quant_map": NF4_CODE.to(self.device).clone()}
+        if self.double_quant:
+            sd[f"{prefix}.nested_absmax"] = self.absmax2
+            sd[f"{prefix}.nested_quant_map"] = self.code8.clone()
+            meta.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
+                         "nested_offset": self.offset})
+        sd[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(
+            list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd, prefix="weight") -> "NF4Tensor":
+        """Read bitsandbytes Linear4bit keys; every length, dtype and shape is checked first."""
+        return _from_bnb_state_dict(cls, sd, prefix)
+
+
+def _from_bnb_state_dict(cls, sd, prefix):
+    def get(suffix, required=True):
+        key = f"{prefix}.{suffix}" if suffix else prefix
+        if key not in sd:
+            if required:
+                raise KeyError(f"state dict is missing '{key}'")
+            return None
+        v = sd[key]
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"'{key}' must be a tensor, got {type(v).__name__}")
+        return v
+
+    qs_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+    if qs_key not in sd:
+        if f"{prefix}.quant_state.bitsandbytes__fp4" in sd:
+            raise ValueError(f"'{prefix}' is FP4-quantized; only NF4 is supported")
+        raise KeyError(f"state dict is missing '{qs_key}'")
+    try:
+        meta = json.loads(bytes(sd[qs_key].cpu().to(torch.uint8).numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"'{qs_key}' is not valid JSON quant-state bytes: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"'{qs_key}' must hold a JSON object")
+    if meta.get("quant_type") != "nf4":
+        raise ValueError(f"'{qs_key}': quant_type must be 'nf4', got {meta.get('quant_type')!r}")
+    dtype_name = meta.get("dtype")
+    if dtype_name not in _DTYPE_NAMES:
+        raise ValueError(f"'{qs_key}': dtype must be one of {sorted(_DTYPE_NAMES)}, got {dtype_name!r}")
+    shape = meta.get("shape")
+    if (not isinstance(shape, list) or not shape
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError(f"'{qs_key}': shape must be a non-empty list of positive ints, got {shape!r}")
+    blocksize = meta.get("blocksize")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"'{qs_key}': blocksize must be an int, got {blocksize!r}")
+    try:
+        check_blocksize(blocksize)
+    except ValueError as e:
+        raise ValueError(f"'{qs_key}': {e}") from None
+
+    packed = get("")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"'{prefix}' must be uint8 packed codes, got {packed.dtype} "
+                         "(quant_storage other than uint8 is not supported)")
+    absmax = get("absmax")
+    quant_map = get("quant_map")
+    if quant_map.numel() != 16 or quant_map.dtype != torch.float32 or not torch.equal(
+            quant_map.cpu().reshape(-1), NF4_CODE):
+        raise ValueError(f"'{prefix}.quant_map' must be the 16 float32 NF4 code values")
+    n = math.prod(shape)
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"'{prefix}' has {packed.numel()} packed bytes but shape {shape} needs "
+                         f"{(n + 1) // 2}")
+    nb = -(-n // blocksize)
+    if absmax.dim() != 1 or absmax.numel() != nb:
+        raise ValueError(f"'{prefix}.absmax' must have {nb} elements (one per block), got "
+                         f"{tuple(absmax.shape)}")
+    nested = f"{prefix}.nested_absmax" in sd
+    absmax2 = code8 = None
+    offset = 0.0
+    if nested:
+        absmax2 = get("nested_absmax")
+        code8 = get("nested_quant_map")
+        if meta.get("nested_blocksize") != NESTED_BLOCKSIZE:
+            raise ValueError(f"'{qs_key}': nested_blocksize must be 256, got {meta.get('nested_blocksize')!r}")
+        if meta.get("nested_dtype", "float32") != "float32":
+            raise ValueError(f"'{qs_key}': nested_dtype must be 'float32', got {meta.get('nested_dtype')!r}")
+        offset = meta.get("nested_offset")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"'{qs_key}': nested_offset must be a finite number, got {offset!r}")
+        if absmax.dtype != torch.uint8:
+            raise ValueError(f"'{prefix}.absmax' must be uint8 when double-quantized, got {absmax.dtype}")
+        if absmax2.dtype != torch.float32 or absmax2.numel() != -(-nb // NESTED_BLOCKSIZE):
+            raise ValueError(f"'{prefix}.nested_absmax' must be float32 with {-(-nb // NESTED_BLOCKSIZE)} "
+                             f"elements, got {absmax2.dtype} with {absmax2.numel()}")
+        if code8.dtype != torch.float32 or code8.numel() != 256:
+            raise ValueError(f"'{prefix}.nested_quant_map' must be float32 with 256 elements, got "
+                             f"{code8.dtype} with {code8.numel()}")
+        if not bool(torch.isfinite(absmax2).all()) or not bool(torch.isfinite(code8).all()):
+            raise ValueError(f"'{prefix}.nested_absmax' / nested_quant_map contain NaN or Inf")
+        code8 = code8.reshape(-1).contiguous()
+        absmax2 = absmax2.reshape(-1).contiguous()
+    else:
+        if absmax.dtype != torch.float32:
+            raise ValueError(f"'{prefix}.absmax' must be float32 when not double-quantized, got "
+                             f"{absmax.dtype}")
+        if not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"'{prefix}.absmax' contains NaN or Inf")
+    device = packed.device
+    return cls(packed.reshape(-1).contiguous(), absmax.contiguous().to(device), shape,
+               _DTYPE_NAMES[dtype_name], blocksize,
+               None if absmax2 is None else absmax2.to(device),
+               None if code8 is None else code8.to(device), float(offset))
+
+
+def quantize_nf4(w, blocksize=64, double_quant=True) -> NF4Tensor:
+    """Quantize a float tensor to NF4 (bit-exact with bitsandbytes' quantize_4bit, quant_type="nf4";
+    double_quant = compress_statistics)."""
+    check_tensor("w", w, dtypes=FLOAT_DTYPES)
+    check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
+    packed, absmax = torch.ops.nf4lora.quantize_nf4(w.detach(), blocksize)
+    if not double_quant:
+        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    offset = float(absmax.mean())  # torch's float32 mean, as bitsandbytes computes it
+    code8 = DYNAMIC_SIGNED.to(w.device)
+    qabsmax, absmax2 = torch.ops.nf4lora.quantize_absmax(absmax, offset, code8)
+    return NF4Tensor(packed, qabsmax, w.shape, w.dtype, blocksize, absmax2, code8, offset)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype=None) -> torch.Tensor:
+    """The dense tensor, in the original dtype unless `dtype` is given (float32/16, bfloat16, float64)."""
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"q must be an NF4Tensor, got {type(q).__name__}")
+    dtype = q.dtype if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype}")
+    return torch.ops.nf4lora.dequantize_nf4(q.packed, q.absmax, q.absmax2, q.code8, q.offset,
+                                            q.blocksize, list(q.shape), dtype)
