@@ -59,3 +59,61 @@ def _dequantize_absmax_fake(qabsmax, absmax2, code8, offset):
 @torch.library.register_fake(f"{LIB}::dequantize_nf4")
 def _dequantize_nf4_fake(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype):
     return packed.new_empty(shape, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear-layer ops. W = the NF4 state (packed, absmax, absmax2, code8, offset, blocksize) of a
+# weight [N = out_features, K = in_features]. x, dy, y, dx are 2-D [M, *] in one activation dtype
+# (fp32/fp16/bf16; fp64 through the default backend); lora_A [r, K], lora_B [N, r], bias [N],
+# g [M, r] and u [M, r] are float32 (float64 when the activations are). Dropout (on the LoRA input only) is a mask regenerated from
+# `seed` (an int64 CPU scalar tensor, None when dropout_p == 0): see backends/default.dropout_mask.
+_W = "Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, float offset, int blocksize"
+_LINEAR_SCHEMAS = {
+    # y = x W^T + bias
+    "nf4_linear": f"(Tensor x, {_W}, int out_features, Tensor? bias) -> Tensor",
+    # dx = dy W
+    "nf4_linear_t": f"(Tensor dy, {_W}, int in_features) -> Tensor",
+    # (y, u): u = D(x) A^T, y = x W^T + bias + scaling * u B^T
+    "qlora_fwd": (f"(Tensor x, {_W}, int out_features, Tensor lora_A, Tensor lora_B, float scaling, "
+                  "Tensor? bias, float dropout_p, Tensor? seed) -> (Tensor, Tensor)"),
+    # dx = dy W + scaling * D(g A)
+    "qlora_bwd_dx": (f"(Tensor dy, {_W}, int in_features, Tensor g, Tensor lora_A, float scaling, "
+                     "float dropout_p, Tensor? seed) -> Tensor"),
+    # dA = scaling * g^T D(x)   [r, K] float32
+    "lora_grad_a": "(Tensor g, Tensor x, float scaling, float dropout_p, Tensor? seed) -> Tensor",
+}
+def _acc(dtype):
+    """Accumulation / LoRA-side dtype for activations of `dtype`: float32, or float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+for _name, _schema in _LINEAR_SCHEMAS.items():
+    torch.library.define(f"{LIB}::{_name}", _schema)
+
+
+@torch.library.register_fake(f"{LIB}::nf4_linear")
+def _nf4_linear_fake(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, bias):
+    return x.new_empty((x.shape[0], out_features))
+
+
+@torch.library.register_fake(f"{LIB}::nf4_linear_t")
+def _nf4_linear_t_fake(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+@torch.library.register_fake(f"{LIB}::qlora_fwd")
+def _qlora_fwd_fake(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, lora_A,
+                    lora_B, scaling, bias, dropout_p, seed):
+    return (x.new_empty((x.shape[0], out_features)),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=_acc(x.dtype)))
+
+
+@torch.library.register_fake(f"{LIB}::qlora_bwd_dx")
+def _qlora_bwd_dx_fake(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features, g,
+                       lora_A, scaling, dropout_p, seed):
+    return dy.new_empty((dy.shape[0], in_features))
+
+
+@torch.library.register_fake(f"{LIB}::lora_grad_a")
+def _lora_grad_a_fake(g, x, scaling, dropout_p, seed):
+    return g.new_empty((g.shape[1], x.shape[1]), dtype=_acc(x.dtype))

@@ -102,3 +102,98 @@ def _register():
 
 
 _register()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear ops (see _ops.py). The reference dequantizes W whole; the native kernels never do.
+_M32 = 0xFFFFFFFF
+
+
+def _hash32(x):
+    """32-bit integer mixer on int64 tensors holding values < 2^32 (products stay < 2^63)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x6D2B79F5) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p):
+    """Keep an element iff (hash >> 8) >= threshold: P(drop) = threshold / 2^24 ~= p."""
+    return int(round(p * (1 << 24)))
+
+
+def dropout_mask(M, K, p, seed, device):
+    """Bool [M, K] keep-mask of the LoRA-input dropout, regenerated from `seed` (int) with the same
+    hash in csrc/include/nf4lora/dropout.h, so every backend drops the same elements:
+      row(i) = hash32(hash32(i ^ seed)),  h(i, k) = hash32((row(i) + k) mod 2^32),  keep = h>>8 >= t."""
+    i = torch.arange(M, dtype=torch.int64, device=device)
+    k = torch.arange(K, dtype=torch.int64, device=device)
+    row = _hash32(_hash32(i ^ (int(seed) & _M32)))
+    h = _hash32((row[:, None] + k[None, :]) & _M32)
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def apply_dropout(x, p, seed):
+    """D(x): x * mask / (1 - p), in float32 (or float64 for float64 x)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(acc)
+    if p == 0.0:
+        return x
+    mask = dropout_mask(x.shape[0], x.shape[1], p, int(seed), x.device)
+    return torch.where(mask, x * (1.0 / (1.0 - p)), torch.zeros_like(x))
+
+
+def _weight(packed, absmax, absmax2, code8, offset, blocksize, N, K, dtype):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, [N, K], acc)
+
+
+def nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, bias):
+    w = _weight(packed, absmax, absmax2, code8, offset, blocksize, out_features, x.shape[1], x.dtype)
+    y = x.to(w.dtype) @ w.t()
+    if bias is not None:
+        y = y + bias.to(w.dtype)
+    return y.to(x.dtype)
+
+
+def nf4_linear_t(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features):
+    w = _weight(packed, absmax, absmax2, code8, offset, blocksize, dy.shape[1], in_features, dy.dtype)
+    return (dy.to(w.dtype) @ w).to(dy.dtype)
+
+
+def qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, lora_A, lora_B,
+              scaling, bias, dropout_p, seed):
+    w = _weight(packed, absmax, absmax2, code8, offset, blocksize, out_features, x.shape[1], x.dtype)
+    acc = w.dtype
+    u = apply_dropout(x, dropout_p, seed).to(acc) @ lora_A.to(acc).t()
+    y = x.to(acc) @ w.t() + scaling * (u @ lora_B.to(acc).t())
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), u.to(torch.float32 if acc == torch.float32 else acc)
+
+
+def qlora_bwd_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features, g, lora_A,
+                 scaling, dropout_p, seed):
+    w = _weight(packed, absmax, absmax2, code8, offset, blocksize, dy.shape[1], in_features, dy.dtype)
+    acc = w.dtype
+    ga = g.to(acc) @ lora_A.to(acc)
+    if dropout_p > 0.0:
+        mask = dropout_mask(ga.shape[0], ga.shape[1], dropout_p, int(seed), ga.device)
+        ga = torch.where(mask, ga * (1.0 / (1.0 - dropout_p)), torch.zeros_like(ga))
+    return (dy.to(acc) @ w + scaling * ga).to(dy.dtype)
+
+
+def lora_grad_a(g, x, scaling, dropout_p, seed):
+    xd = apply_dropout(x, dropout_p, seed)
+    return scaling * (g.to(xd.dtype).t() @ xd)
+
+
+def _register_linear():
+    for name, fn in (("nf4_linear", nf4_linear), ("nf4_linear_t", nf4_linear_t),
+                     ("qlora_fwd", qlora_fwd), ("qlora_bwd_dx", qlora_bwd_dx),
+                     ("lora_grad_a", lora_grad_a)):
+        torch.library.register_kernel(OP + name, None, fn)
+
+
+_register_linear()

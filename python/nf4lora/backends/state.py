@@ -36,3 +36,32 @@ def check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape):
     if absmax2.dtype != torch.float32 or absmax2.numel() != -(-nb // 256):
         raise ValueError(f"absmax2 (nested_absmax) must be float32 with {-(-nb // 256)} elements, "
                          f"got {absmax2.dtype} with {absmax2.numel()}")
+
+
+def check_linear_args(x, name, K, packed, absmax, absmax2, code8, blocksize, N, *, lora_A=None,
+                      lora_B=None, bias=None, g=None, dropout_p=0.0, seed=None):
+    """Shapes/dtypes of a linear op's arguments against W [N, K] (raises ValueError naming them)."""
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, (N, K))
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {x.dtype}")
+    if x.device != packed.device:
+        raise ValueError(f"{name} is on {x.device} but the NF4 weight is on {packed.device}")
+    for tname, t, shape in (("lora_A", lora_A, None if lora_A is None else (lora_A.shape[0], K)),
+                            ("lora_B", lora_B, None if lora_A is None else (N, lora_A.shape[0])),
+                            ("bias", bias, (N,)),
+                            ("g", g, None if g is None else (x.shape[0], g.shape[1]))):
+        if t is None:
+            continue
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if t.dtype != acc:
+            raise ValueError(f"{tname} must be {acc} for {name} of dtype {x.dtype}, got {t.dtype}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{tname} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        if t.device != packed.device:
+            raise ValueError(f"{tname} is on {t.device} but the NF4 weight is on {packed.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed is required when dropout_p > 0")
