@@ -120,7 +120,7 @@ def _hash32(x):
 
 def dropout_threshold(p):
     """Keep an element iff (hash >> 8) >= threshold: P(drop) = threshold / 2^24 ~= p."""
-    return int(round(p * (1 << 24)))
+    return int(p * (1 << 24) + 0.5)  # as make_dropout in dropout.h (round half up)
 
 
 def dropout_mask(M, K, p, seed, device):
