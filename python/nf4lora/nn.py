@@ -1,35 +1,43 @@
-"""QLoRALinear: a frozen NF4 weight plus a trainable LoRA adapter, drop-in for nn.Linear (and for a
+"""QLoRALinear: a frozen NF4 weight plus zero or more LoRA adapters, drop-in for nn.Linear (and for a
 bitsandbytes Linear4bit wrapped by PEFT LoRA).
 
-  y = x W^T + b + scaling * dropout(x) A^T B^T,   W: NF4 [N, K],  A = lora_A [r, K],  B = lora_B [N, r]
+  y = x W^T + b + sum over active adapters a of  s_a * dropout(x) A_a^T B_a^T
+      W: NF4 [N, K],  A_a = lora_A[a].weight [r_a, K],  B_a = lora_B[a].weight [N, r_a]
+
+Parameter names follow PEFT (`lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`), so optimizers,
+parameter-group rules and tools written for PEFT find them. The first active adapter goes through the
+fused op `qlora_linear` (x read once, W dequantized on the fly); further active adapters, a rare case,
+add their low-rank terms with plain torch ops.
 
 State dict: the weight in bitsandbytes Linear4bit keys (`weight`, `weight.absmax`, `weight.quant_map`,
 `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), plus
-`bias`, `lora_A`, `lora_B`.
+`bias` and `lora_A.<adapter>.weight` / `lora_B.<adapter>.weight`.
 """
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, quantize_nf4
 
-_NF4_BUFFERS = ("weight_absmax", "weight_absmax2", "weight_code8")
+
+def _check_adapter_name(name):
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty str without '.', got {name!r}")
+    return name
 
 
 class QLoRALinear(nn.Module):
     def __init__(self, weight: NF4Tensor, bias=None, r=8, lora_alpha=8, lora_dropout=0.0,
-                 use_rslora=False, init_lora_weights=True, lora_dtype=torch.float32):
+                 use_rslora=False, init_lora_weights=True, lora_dtype=torch.float32,
+                 adapter_name="default"):
         super().__init__()
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise TypeError("weight must be a 2-D NF4Tensor [out_features, in_features]")
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"r must be a non-negative int, got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
-        if not math.isfinite(float(lora_alpha)):
-            raise ValueError(f"lora_alpha must be finite, got {lora_alpha}")
         self.out_features, self.in_features = weight.shape
         self._set_weight(weight)
         if bias is not None:
@@ -39,43 +47,139 @@ class QLoRALinear(nn.Module):
             self.bias = nn.Parameter(bias.clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.lora_dropout = float(lora_dropout)
-        self.scaling = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0
-        dev = weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=lora_dtype, device=dev))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, dtype=lora_dtype, device=dev))
-        self.reset_lora_parameters(init_lora_weights)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_config = {}          # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora)
+        self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
+        self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
+        self.merged_adapters = []      # adapters folded into merged_weight
+        self.register_buffer("merged_weight", None, persistent=False)
+        if r > 0:
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
+                             init_lora_weights, lora_dtype)
+            self.active_adapters = [adapter_name]
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    blocksize=64, double_quant=True, init_lora_weights=True, lora_dtype=torch.float32):
+                    blocksize=64, double_quant=True, init_lora_weights=True, lora_dtype=torch.float32,
+                    adapter_name="default"):
+        """Quantize `linear` to NF4 and attach one adapter (none when r == 0)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         q = quantize_nf4(linear.weight.detach().contiguous(), blocksize=blocksize,
                          double_quant=double_quant)
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(q, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+                   use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype,
+                   adapter_name=adapter_name)
 
-    def reset_lora_parameters(self, init_lora_weights=True):
+    # ---------------------------------------------------------------- adapters
+    def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights=True, lora_dtype=torch.float32):
+        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.lora_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) \
+                or not math.isfinite(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        dev = self.weight.device
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=lora_dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=lora_dtype)
+        self.lora_config[adapter_name] = dict(
+            r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=bool(use_rslora),
+            scaling=lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+        self.reset_lora_parameters(init_lora_weights, adapter_name)
+
+    def delete_adapter(self, adapter_name):
+        if adapter_name not in self.lora_config:
+            raise KeyError(f"adapter {adapter_name!r} not found in this layer")
+        if adapter_name in self.merged_adapters:
+            self.unmerge_()
+        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_config[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def set_adapter(self, adapter_names, requires_grad=True):
+        """Make `adapter_names` (a name or a list) the active adapters; their parameters train when
+        `requires_grad`, every other adapter's are frozen. A merged layer is unmerged first."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if self.merged_adapters and names != self.merged_adapters:
+            self.unmerge_()
+        for name in self.lora_config:
+            on = requires_grad and name in names
+            self.lora_A[name].weight.requires_grad_(on)
+            self.lora_B[name].weight.requires_grad_(on)
+        self.active_adapters = names
+
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name=None):
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
         False: both kaiming-uniform (the adapter is not a no-op)."""
-        if self.r == 0:
-            return
+        names = list(self.lora_config) if adapter_name is None else [adapter_name]
         with torch.no_grad():
-            if init_lora_weights is True:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-                nn.init.zeros_(self.lora_B)
-            elif init_lora_weights is False:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+            for name in names:
+                A, B = self.lora_A[name].weight, self.lora_B[name].weight
+                if init_lora_weights is True:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                    nn.init.zeros_(B)
+                elif init_lora_weights == "gaussian":
+                    nn.init.normal_(A, std=1.0 / self.lora_config[name]["r"])
+                    nn.init.zeros_(B)
+                elif init_lora_weights is False:
+                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+                else:
+                    raise ValueError("init_lora_weights must be True, False or 'gaussian', got "
+                                     f"{init_lora_weights!r}")
+
+    def _active(self):
+        return [a for a in self.active_adapters if a in self.lora_config] if self.adapters_enabled else []
+
+    def _first_cfg(self):
+        act = [a for a in self.active_adapters if a in self.lora_config]
+        return self.lora_config[act[0]] if act else None
+
+    # The active adapter's hyper-parameters and weights (the first one when several are active).
+    @property
+    def r(self):
+        c = self._first_cfg()
+        return 0 if c is None else c["r"]
+
+    @property
+    def scaling(self):
+        c = self._first_cfg()
+        return 0.0 if c is None else c["scaling"]
+
+    @property
+    def lora_alpha(self):
+        c = self._first_cfg()
+        return 0 if c is None else c["lora_alpha"]
+
+    @property
+    def lora_dropout(self):
+        c = self._first_cfg()
+        return 0.0 if c is None else c["lora_dropout"]
+
+    @property
+    def use_rslora(self):
+        c = self._first_cfg()
+        return False if c is None else c["use_rslora"]
+
+    @property
+    def lora_A_weight(self):
+        """The active adapter's A, a Parameter [r, in_features] (None without an adapter)."""
+        act = [a for a in self.active_adapters if a in self.lora_config]
+        return self.lora_A[act[0]].weight if act else None
+
+    @property
+    def lora_B_weight(self):
+        """The active adapter's B, a Parameter [out_features, r] (None without an adapter)."""
+        act = [a for a in self.active_adapters if a in self.lora_config]
+        return self.lora_B[act[0]].weight if act else None
 
     # ---------------------------------------------------------------- the NF4 weight
     def _set_weight(self, q: NF4Tensor):
@@ -95,7 +199,7 @@ class QLoRALinear(nn.Module):
                          self.weight_offset)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias, lora_A, lora_B
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
         for k, v in self.nf4_weight.to_bnb_state_dict(prefix + "weight").items():
             if k != prefix + "weight":
                 destination[k] = v if keep_vars else v.detach()
@@ -115,6 +219,8 @@ class QLoRALinear(nn.Module):
                                   f"{(self.out_features, self.in_features)}")
                 return
             self._set_weight(q.to(self.weight.device))
+            if self.merged_adapters:
+                self._remerge()
         elif strict:
             missing_keys.append(wkey + ".quant_state.bitsandbytes__nf4")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -122,31 +228,84 @@ class QLoRALinear(nn.Module):
         # torch reports dotted keys under a leaf module as unexpected; the weight.* ones are ours
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(wkey + ".")]
 
-    # ---------------------------------------------------------------- forward / merge
+    # ---------------------------------------------------------------- forward
     def forward(self, x):
+        act = self._active()
+        if self.merged_weight is not None and self.adapters_enabled:
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.merged_weight.to(x.dtype), b)
         q = self.nf4_weight
-        if self.r == 0:
+        if not act:
             return nf4_linear(x, q, self.bias)
-        p = self.lora_dropout if self.training else 0.0
-        return qlora_linear(x, q, self.lora_A, self.lora_B, self.scaling, self.bias, dropout_p=p)
+        c = self.lora_config[act[0]]
+        p = c["lora_dropout"] if self.training else 0.0
+        y = qlora_linear(x, q, self.lora_A[act[0]].weight, self.lora_B[act[0]].weight, c["scaling"],
+                         self.bias, dropout_p=p)
+        for name in act[1:]:  # several active adapters: the extra low-rank terms, unfused
+            c = self.lora_config[name]
+            A, B = self.lora_A[name].weight, self.lora_B[name].weight
+            h = F.dropout(x.to(A.dtype), c["lora_dropout"], self.training)
+            y = y + (F.linear(F.linear(h, A), B) * c["scaling"]).to(y.dtype)
+        return y
+
+    # ---------------------------------------------------------------- merge
+    @torch.no_grad()
+    def delta_weight(self, adapter_name) -> torch.Tensor:
+        """float32 [N, K]: scaling * B @ A of one adapter."""
+        c = self.lora_config[adapter_name]
+        return c["scaling"] * (self.lora_B[adapter_name].weight.float() @ self.lora_A[adapter_name].weight.float())
 
     @torch.no_grad()
-    def merge(self, dtype=None) -> nn.Linear:
-        """A dense nn.Linear with weight W + scaling * B @ A (computed in float32), in `dtype`
-        (default: the original weight dtype)."""
-        dtype = dtype or self.weight_dtype
+    def merged_dense(self, adapter_names=None) -> torch.Tensor:
+        """float32 [N, K]: W_dequant + sum of scaling * B @ A over `adapter_names` (default: the
+        active adapters)."""
+        names = self._active() if adapter_names is None else list(adapter_names)
         w = self.nf4_weight.dequantize(torch.float32)
-        if self.r > 0:
-            w = w + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        for name in names:
+            if name not in self.lora_config:
+                raise KeyError(f"adapter {name!r} not found in this layer")
+            w += self.delta_weight(name)
+        return w
+
+    @torch.no_grad()
+    def merge_(self, adapter_names=None):
+        """Fold adapters into a dense weight (in the original weight dtype) that forward uses until
+        unmerge_(); the NF4 codes stay, so unmerging is exact. Costs one dense weight of memory."""
+        names = self._active() if adapter_names is None else list(adapter_names)
+        if self.merged_adapters:
+            self.unmerge_()
+        if not names:
+            return
+        self.merged_weight = self.merged_dense(names).to(self.weight_dtype)
+        self.merged_adapters = names
+
+    def _remerge(self):
+        self.merged_weight = self.merged_dense(self.merged_adapters).to(self.weight_dtype)
+
+    def unmerge_(self):
+        self.merged_weight = None
+        self.merged_adapters = []
+
+    @torch.no_grad()
+    def merge(self, dtype=None, adapter_names=None) -> nn.Linear:
+        """A dense nn.Linear with weight W + sum of scaling * B @ A over the active adapters (or
+        `adapter_names`), computed in float32, stored in `dtype` (default: the original weight dtype)."""
+        dtype = dtype or self.weight_dtype
+        w = self.merged_dense(adapter_names)
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=w.device, dtype=dtype)
         lin.weight.copy_(w.to(dtype))
         if self.bias is not None:
             lin.bias.copy_(self.bias.to(dtype))
+        lin.requires_grad_(False)
         return lin
 
     def extra_repr(self):
+        adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']})"
+                             for n, c in self.lora_config.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"blocksize={self.blocksize}, double_quant={self.weight_absmax2 is not None}")
+                f"blocksize={self.blocksize}, double_quant={self.weight_absmax2 is not None}, "
+                f"adapters=[{adapters}], active={self.active_adapters}"
+                + (f", merged={self.merged_adapters}" if self.merged_adapters else ""))

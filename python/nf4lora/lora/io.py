@@ -1,0 +1,185 @@
+"""Adapters in PEFT's on-disk format (LoRA, PEFT 0.21):
+
+  adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
+  adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in_features]
+                              base_model.model.<module>.lora_B.weight [out_features, r]
+
+The adapter name is not part of the keys (PEFT strips it). load_adapter checks the whole file
+against the model and the config before changing anything: a missing or unexpected key, a wrong
+shape, or an r in the config that disagrees with the tensors is an error that names the key.
+"""
+import json
+import os
+
+import torch
+
+from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
+from .targets import find_targets, pattern_value
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME_BIN = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# config fields of PEFT LoRA that nf4lora does not implement, with their (falsy) default
+_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+                "target_parameters": None, "layer_replication": None, "use_qalora": False,
+                "trainable_token_indices": None, "alora_invocation_tokens": None}
+
+
+def _key(module, which):
+    return f"{PREFIX}{module}.{which}.weight"
+
+
+def save_adapter(model, save_directory, adapter_name="default"):
+    """Write adapter `adapter_name` as PEFT does: adapter_config.json + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} not found; the model has {sorted(configs)}")
+    c = configs[adapter_name]
+    tensors = {}
+    for name, layer in qlora_layers(model):
+        if adapter_name in layer.lora_config:
+            tensors[_key(name, "lora_A")] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous().clone()
+            tensors[_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous().clone()
+    mcfg = getattr(model, "config", None)
+    config = {
+        "peft_type": "LORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
+        "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
+        "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
+        "rank_pattern": c["rank_pattern"], "alpha_pattern": c["alpha_pattern"],
+        "use_rslora": c["use_rslora"], "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": c["init_lora_weights"],
+    }
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _read_config(path):
+    cpath = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cpath):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
+    with open(cpath) as f:
+        try:
+            cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cpath} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cpath} must hold a JSON object")
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cpath}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    for field, ok in _UNSUPPORTED.items():
+        v = cfg.get(field, ok)
+        if v:  # every supported value is falsy (False, None, [], {})
+            raise NotImplementedError(f"{cpath}: {field}={v!r} is not supported by nf4lora.load_adapter")
+    if cfg.get("bias", "none") != "none":
+        raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
+    r = cfg.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{cpath}: r must be a positive int, got {r!r}")
+    alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{cpath}: lora_alpha must be a number, got {alpha!r}")
+    if cfg.get("target_modules") is None:
+        raise ValueError(f"{cpath}: target_modules is missing")
+    return cfg
+
+
+def _read_weights(path):
+    st, bin_ = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.isfile(bin_):
+        return torch.load(bin_, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN}) in {path}")
+
+
+def _split_key(key):
+    body = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for which in ("lora_A", "lora_B"):
+        suffix = f".{which}.weight"
+        if body.endswith(suffix):
+            return body[: -len(suffix)], which
+    return None, None
+
+
+def _validate(model, cfg, names, weights):
+    """Every key expected, present, of the right shape; nothing extra."""
+    ranks = {n: pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)) for n in names}
+    by_module = {}
+    for key, t in weights.items():
+        module, which = _split_key(key)
+        if module is None:
+            kind = ("DoRA magnitude" if "lora_magnitude_vector" in key else
+                    "embedding LoRA" if "lora_embedding" in key else "non-LoRA")
+            raise ValueError(f"adapter file has an unexpected {kind} key '{key}'")
+        if module not in ranks:
+            raise ValueError(f"adapter file key '{key}': module '{module}' is not one that "
+                             "adapter_config.json's target_modules select in this model")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+            raise ValueError(f"adapter file key '{key}' must be a 2-D floating tensor, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        by_module.setdefault(module, {})[which] = (key, t)
+    for n in names:
+        layer = model.get_submodule(n)
+        r = ranks[n]
+        want = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
+        got = by_module.get(n, {})
+        for which, shape in want.items():
+            if which not in got:
+                raise KeyError(f"adapter file is missing '{_key(n, which)}'")
+            key, t = got[which]
+            if tuple(t.shape) != shape:
+                rdim = 0 if which == "lora_A" else 1
+                fdim = 1 - rdim
+                hint = ""
+                if t.shape[fdim] == shape[fdim]:
+                    hint = (f" (adapter_config.json gives r={r} for '{n}' but the tensor has rank "
+                            f"{t.shape[rdim]})")
+                raise ValueError(f"adapter file key '{key}' has shape {tuple(t.shape)}, expected "
+                                 f"{shape}{hint}")
+        if not bool(torch.isfinite(got["lora_A"][1]).all() and torch.isfinite(got["lora_B"][1]).all()):
+            raise ValueError(f"adapter weights for '{n}' contain NaN or Inf")
+    return by_module
+
+
+def load_adapter(model, path, adapter_name="default", is_trainable=False, blocksize=64,
+                 double_quant=True):
+    """Load a LoRA adapter that PEFT (or save_adapter) wrote into `model` as adapter `adapter_name`.
+
+    The targets come from adapter_config.json with PEFT's matching rules; plain nn.Linear targets are
+    quantized to NF4 (blocksize, double_quant) on the way, QLoRALinear ones get the adapter added.
+    The first adapter of a model becomes active; is_trainable=False (PEFT's default) freezes it."""
+    cfg = _read_config(path)
+    weights = _read_weights(path)
+    tm = cfg["target_modules"]
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    by_module = _validate(model, cfg, names, weights)
+    first = not active_adapters(model)
+    apply_qlora(model, tm, r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
+                lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                layers_to_transform=cfg.get("layers_to_transform"),
+                layers_pattern=cfg.get("layers_pattern"), rank_pattern=cfg.get("rank_pattern"),
+                alpha_pattern=cfg.get("alpha_pattern"), use_rslora=bool(cfg.get("use_rslora", False)),
+                init_lora_weights=True, exclude_modules=cfg.get("exclude_modules"),
+                blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name)
+    with torch.no_grad():
+        for n in names:
+            layer = model.get_submodule(n)
+            layer.lora_A[adapter_name].weight.copy_(by_module[n]["lora_A"][1])
+            layer.lora_B[adapter_name].weight.copy_(by_module[n]["lora_B"][1])
+            if layer.merged_adapters:
+                layer._remerge()
+    adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)
+    if first:
+        set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    return model

@@ -1,0 +1,211 @@
+"""Model surgery: apply_qlora (NF4 base + LoRA adapters, PEFT's matching rules), quantize_model (NF4
+linears without adapters), prepare_for_training, and the adapter controls (set_adapter,
+disable_adapter, delete_adapter).
+
+The model keeps its own class; adapted layers become QLoRALinear in place. What save_adapter needs
+to write adapter_config.json lives in `model._nf4lora_adapters` (adapter -> config dict) and the
+active adapters in `model._nf4lora_active`: plain attributes, so the model deep-copies and pickles.
+"""
+import contextlib
+
+import torch
+from torch import nn
+
+from ..nn import QLoRALinear, _check_adapter_name
+from .targets import ALL_LINEAR, find_targets, pattern_value
+
+
+def qlora_layers(model):
+    """(name, QLoRALinear) for every adapted or quantized layer of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
+
+
+def adapter_configs(model) -> dict:
+    return model.__dict__.setdefault("_nf4lora_adapters", {})
+
+
+def active_adapters(model) -> list:
+    return list(model.__dict__.get("_nf4lora_active", []))
+
+
+def _set_child(model, name, new):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _check_targets(model, names, what):
+    if not names:
+        raise ValueError(f"{what} matched no module of {type(model).__name__}")
+    for n in names:
+        m = model.get_submodule(n)
+        if not isinstance(m, (nn.Linear, QLoRALinear)):
+            raise ValueError(f"target module '{n}' is a {type(m).__name__}; only nn.Linear layers "
+                             "can be adapted")
+
+
+def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
+                layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
+                init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
+                adapter_name="default"):
+    """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
+    `adapter_name`), in place; freeze every other parameter; return the model.
+
+    Matching follows PEFT (lora/targets.py). Layers that are already QLoRALinear (from quantize_model,
+    a bitsandbytes checkpoint or an earlier adapter) get the new adapter added. The first adapter
+    of a model becomes active and trainable; a later one is added inactive and frozen until
+    set_adapter names it (PEFT's add_adapter behaviour)."""
+    _check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
+                         "another adapter_name")
+    if isinstance(target_modules, (set, tuple)):
+        target_modules = sorted(target_modules)
+    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+    _check_targets(model, names, f"target_modules={target_modules!r}")
+    plan = [(n, pattern_value(rank_pattern, n, r), pattern_value(alpha_pattern, n, lora_alpha))
+            for n in names]
+    for n, ri, _ in plan:
+        if isinstance(ri, bool) or not isinstance(ri, int) or ri <= 0:
+            raise ValueError(f"rank for '{n}' must be a positive int, got {ri!r}")
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n, ri, ai in plan:
+        layer = model.get_submodule(n)
+        if not isinstance(layer, QLoRALinear):
+            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
+            _set_child(model, n, layer)
+        layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights)
+
+    resolved = names if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR \
+        else target_modules
+    configs[adapter_name] = dict(
+        r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
+        target_modules=list(resolved) if not isinstance(resolved, str) else resolved,
+        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
+        else exclude_modules,
+        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+        rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
+        use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
+        blocksize=blocksize, double_quant=double_quant)
+    active = active_adapters(model) or [adapter_name]
+    set_adapter(model, active)
+    return model
+
+
+def quantize_model(model, target_modules=ALL_LINEAR, exclude_modules=None, blocksize=64,
+                   double_quant=True, layers_to_transform=None, layers_pattern=None):
+    """Replace the matching nn.Linear layers by frozen NF4 QLoRALinear layers without adapters (for
+    inference, or as the base that apply_qlora / load_adapter later adapt). The default targets
+    every Linear except the output head, as bitsandbytes' 4-bit loading does. Returns the model."""
+    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+    _check_targets(model, names, f"target_modules={target_modules!r}")
+    for n in names:
+        layer = model.get_submodule(n)
+        if isinstance(layer, nn.Linear):
+            _set_child(model, n, QLoRALinear.from_linear(layer, r=0, blocksize=blocksize,
+                                                         double_quant=double_quant))
+    return model
+
+
+def set_adapter(model, adapter_name, inference_mode=False):
+    """Make `adapter_name` (a name or a list of names) the active adapter(s) of every layer. Their
+    parameters train (unless inference_mode); every other adapter's are frozen."""
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    known = adapter_configs(model)
+    for n in names:
+        if n not in known:
+            raise ValueError(f"adapter {n!r} not found; the model has {sorted(known)}")
+    for _, layer in qlora_layers(model):
+        layer.set_adapter(names, requires_grad=not inference_mode)
+    model._nf4lora_active = names
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapter(model):
+    """Inside this context every QLoRALinear gives exactly its base output x W^T + b."""
+    layers = [m for _, m in qlora_layers(model)]
+    saved = [m.adapters_enabled for m in layers]
+    for m in layers:
+        m.adapters_enabled = False
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.adapters_enabled = s
+
+
+def delete_adapter(model, adapter_name):
+    """Remove an adapter from every layer. When it was the only active one, the first remaining
+    adapter becomes active (as PEFT does)."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"adapter {adapter_name!r} not found; the model has {sorted(configs)}")
+    for _, layer in qlora_layers(model):
+        if adapter_name in layer.lora_config:
+            layer.delete_adapter(adapter_name)
+    del configs[adapter_name]
+    active = [a for a in active_adapters(model) if a != adapter_name]
+    if not active and configs:
+        active = [next(iter(configs))]
+    if active:
+        set_adapter(model, active)
+    else:
+        for _, layer in qlora_layers(model):
+            layer.active_adapters = []
+        model._nf4lora_active = []
+    return model
+
+
+def _make_output_require_grad(module, inputs, output):
+    # module-level (not a closure), so a model carrying this hook still pickles
+    output.requires_grad_(True)
+
+
+def prepare_for_training(model, gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
+    """Get a (Q)LoRA model ready to train: freeze everything except the active adapters' LoRA
+    weights, turn off the KV cache, and with gradient_checkpointing enable transformers' activation
+    checkpointing (default {"use_reentrant": False}) plus a picklable hook that makes the input
+    embeddings' output require grad (what reentrant checkpointing needs with a frozen embedding).
+    Call it before or after apply_qlora. Returns the model."""
+    active = set(active_adapters(model))
+    for n, p in model.named_parameters():
+        parts = n.split(".")
+        is_lora = any(parts[i] in ("lora_A", "lora_B") and parts[i + 1] in active
+                      for i in range(len(parts) - 1))
+        p.requires_grad_(is_lora)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    if not gradient_checkpointing:
+        return model
+    kwargs = dict(gradient_checkpointing_kwargs or {"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                         "pass gradient_checkpointing=False")
+    # transformers registers a closure hook (unpicklable); swap it for a module-level one
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+        model._require_grads_hooks = []
+        model.__dict__.pop("_require_grads_hook", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and not getattr(emb, "_nf4lora_grad_hook", False):
+        emb.register_forward_hook(_make_output_require_grad)
+        emb._nf4lora_grad_hook = True
+    return model
+
+
+def trainable_parameters(model):
+    """(trainable, total) parameter counts; a packed NF4 weight counts its n elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.in_features * m.out_features for _, m in qlora_layers(model))
+    return trainable, total
