@@ -1,5 +1,120 @@
+// Bindings of the CPU fused QLoRA linear (csrc/ref/linear_ref.h, csrc/cpu/linear.h). The weight
+// arrives as (packed, absmax | qabsmax+absmax2+code8, offset, N, K, blocksize) addresses/values.
+#include "bindings/common.h"
 #include "bindings/cpu_bindings.h"
+#include "cpu/linear.h"
 
 namespace nf4lora {
-void register_cpu_linear(pybind11::module_& m) {}
+
+using namespace bind;
+
+namespace {
+
+NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2,
+                      uintptr_t code8, float offset, int64_t N, int64_t K, int64_t blocksize) {
+  NF4Weight w;
+  w.packed = ptr<const uint8_t>(packed);
+  w.scales.absmax = ptr<const float>(absmax);
+  w.scales.qabsmax = ptr<const uint8_t>(qabsmax);
+  w.scales.absmax2 = ptr<const float>(absmax2);
+  w.scales.code8 = ptr<const float>(code8);
+  w.scales.offset = offset;
+  w.N = N;
+  w.K = K;
+  w.blocksize = blocksize;
+  return w;
+}
+
+DType to_dtype(int d) {
+  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  return static_cast<DType>(d);
+}
+
+DropoutMask to_dropout(double p, int64_t seed) {
+  if (!(p >= 0.0 && p < 1.0)) throw py::value_error("dropout_p must be in [0, 1)");
+  return make_dropout(p, seed);
+}
+
+}  // namespace
+
+void register_cpu_linear(py::module_& m) {
+  m.def(
+      "qlora_forward",
+      [](uintptr_t x, int dtype, int64_t M, uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
+         uintptr_t absmax2, uintptr_t code8, float offset, int64_t N, int64_t K, int64_t blocksize,
+         uintptr_t bias, uintptr_t A, uintptr_t B, int64_t r, float scaling, double dropout_p,
+         int64_t seed, uintptr_t y, uintptr_t u, const std::string& impl) {
+        const NF4Weight w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
+        LoraArgs lora{ptr<const float>(A), ptr<const float>(B), r, scaling, to_dropout(dropout_p, seed)};
+        const LoraArgs* lp = A ? &lora : nullptr;
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ref ? qlora_forward_ref(ptr<const void>(x), d, M, w, ptr<const float>(bias), lp,
+                                      ptr<void>(y), ptr<float>(u))
+                  : qlora_forward_cpu(ptr<const void>(x), d, M, w, ptr<const float>(bias), lp,
+                                      ptr<void>(y), ptr<float>(u));
+        }
+        check(s, "qlora_forward");
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("packed"), py::arg("absmax"),
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"), py::arg("N"),
+      py::arg("K"), py::arg("blocksize"), py::arg("bias"), py::arg("A"), py::arg("B"), py::arg("r"),
+      py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("y"), py::arg("u"),
+      py::arg("impl") = "fast");
+
+  m.def(
+      "qlora_backward_dx",
+      [](uintptr_t dy, int dtype, int64_t M, uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
+         uintptr_t absmax2, uintptr_t code8, float offset, int64_t N, int64_t K, int64_t blocksize,
+         uintptr_t A, int64_t r, float scaling, double dropout_p, int64_t seed, uintptr_t g,
+         uintptr_t dx, const std::string& impl) {
+        const NF4Weight w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
+        // B is not needed for dx (g = dy B comes in); point it at A so the struct is complete.
+        LoraArgs lora{ptr<const float>(A), ptr<const float>(A), r, scaling, to_dropout(dropout_p, seed)};
+        const LoraArgs* lp = A ? &lora : nullptr;
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ref ? qlora_backward_dx_ref(ptr<const void>(dy), d, M, w, lp, ptr<const float>(g),
+                                          ptr<void>(dx))
+                  : qlora_backward_dx_cpu(ptr<const void>(dy), d, M, w, lp, ptr<const float>(g),
+                                          ptr<void>(dx));
+        }
+        check(s, "qlora_backward_dx");
+      },
+      py::arg("dy"), py::arg("dtype"), py::arg("M"), py::arg("packed"), py::arg("absmax"),
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"), py::arg("N"),
+      py::arg("K"), py::arg("blocksize"), py::arg("A"), py::arg("r"), py::arg("scaling"),
+      py::arg("dropout_p"), py::arg("seed"), py::arg("g"), py::arg("dx"), py::arg("impl") = "fast");
+
+  m.def(
+      "lora_grad_a",
+      [](uintptr_t g, uintptr_t x, int dtype, int64_t M, int64_t K, int64_t r, float scaling,
+         double dropout_p, int64_t seed, uintptr_t dA, const std::string& impl) {
+        const DropoutMask drop = to_dropout(dropout_p, seed);
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        Status s;
+        {
+          py::gil_scoped_release nogil;
+          s = ref ? lora_grad_a_ref(ptr<const float>(g), ptr<const void>(x), d, M, K, r, scaling, drop,
+                                    ptr<float>(dA))
+                  : lora_grad_a_cpu(ptr<const float>(g), ptr<const void>(x), d, M, K, r, scaling, drop,
+                                    ptr<float>(dA));
+        }
+        check(s, "lora_grad_a");
+      },
+      py::arg("g"), py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("r"),
+      py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("dA"),
+      py::arg("impl") = "fast");
+
+  m.def("forward_path", &forward_path, py::arg("M"), py::arg("N"), py::arg("K"),
+        "Which CPU path qlora_forward takes: 'gemv', 'gemm' or 'ref'");
+}
+
 }  // namespace nf4lora

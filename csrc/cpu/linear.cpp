@@ -1,0 +1,177 @@
+// CPU fused QLoRA linear: argument checks, path dispatch (GEMV / GEMM / scalar reference), the
+// small LoRA pieces (u = D(x) A^T, dA = s g^T D(x)) and the epilogues (bias, LoRA term, dropout,
+// conversion to the activation dtype). The AVX2 inner kernels live in linear_avx2.cpp.
+#include "cpu/linear.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/cpu_features.h"
+
+namespace nf4lora {
+
+namespace {
+
+Status check_args(const NF4Weight& w, const LoraArgs* lora, int64_t M, const void* in,
+                  const void* out) {
+  if (Status s = w.check(); s != Status::kOk) return s;
+  if (lora && (!lora->A || !lora->B)) return Status::kNullPointer;
+  if (lora && lora->r <= 0) return Status::kBadSize;
+  if (!in || !out) return Status::kNullPointer;
+  if (M <= 0) return Status::kBadSize;
+  return Status::kOk;
+}
+
+// Row m of an activation matrix [M, K] in dtype -> fp32 dst, with the dropout mask applied when
+// `drop` is active.
+void load_row(const void* x, DType dtype, int64_t m, int64_t K, const DropoutMask* drop, float* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = load_as_f32(x, dtype, m * K + k);
+  if (drop && drop->active()) {
+    const uint32_t row = drop->row(m);
+    for (int64_t k = 0; k < K; ++k) dst[k] = drop->apply(row, k, dst[k]);
+  }
+}
+
+// u [M, r] = D(x) A^T
+void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
+#pragma omp parallel
+  {
+    std::vector<float> row(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      load_row(x, dtype, m, K, &lora.drop, row.data());
+      for (int64_t j = 0; j < lora.r; ++j) u[m * lora.r + j] = avx2lin::dot(row.data(), lora.A + j * K, K);
+    }
+  }
+}
+
+}  // namespace
+
+const char* forward_path(int64_t M, int64_t N, int64_t K) {
+  if (!use_avx2()) return "ref";
+  return (M <= kGemvMaxRows && K % 32 == 0) ? "gemv" : "gemm";
+}
+
+Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                         const float* bias, const LoraArgs* lora, void* y, float* u) {
+  if (Status s = check_args(w, lora, M, x, y); s != Status::kOk) return s;
+  if (lora && !u) return Status::kNullPointer;
+  if (!use_avx2()) return qlora_forward_ref(x, dtype, M, w, bias, lora, y, u);
+  const int64_t N = w.N, K = w.K;
+  const int64_t r = lora ? lora->r : 0;
+  if (lora) lora_u(x, dtype, M, K, *lora, u);
+
+  if (M <= kGemvMaxRows && K % 32 == 0) {
+    // GEMV: x (fp32, lane-permuted) stays in L1/L2 while W streams once.
+    std::vector<float> xf(static_cast<size_t>(M * K)), xp(xf.size()), acc(static_cast<size_t>(M * N));
+    for (int64_t m = 0; m < M; ++m) load_row(x, dtype, m, K, nullptr, xf.data() + m * K);
+    avx2lin::gemv_permute_x(xf.data(), M, K, xp.data());
+    std::vector<float> bt;  // s * B^T [r, N] for a vectorised LoRA epilogue
+    if (lora) {
+      bt.resize(static_cast<size_t>(r * N));
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = 0; j < r; ++j) bt[j * N + n] = lora->scaling * lora->B[n * r + j];
+    }
+    constexpr int64_t kRowsPerTask = 16;
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t n0 = 0; n0 < N; n0 += kRowsPerTask) {
+      const int64_t n1 = std::min(N, n0 + kRowsPerTask);
+      avx2lin::gemv_forward(w, xp.data(), M, n0, n1, acc.data());
+      for (int64_t m = 0; m < M; ++m) {
+        float* a = acc.data() + m * N;
+        if (bias)
+          for (int64_t n = n0; n < n1; ++n) a[n] += bias[n];
+        for (int64_t j = 0; j < r; ++j) avx2lin::axpy(u[m * r + j], bt.data() + j * N + n0, a + n0, n1 - n0);
+        for (int64_t n = n0; n < n1; ++n) store_from_f32(y, dtype, m * N + n, a[n]);
+      }
+    }
+    return Status::kOk;
+  }
+
+  // GEMM: y^T accumulates in fp32 [N, Mp]; LoRA rides as r extra K columns.
+  const int64_t Mp = (M + 15) / 16 * 16, Np = (N + 5) / 6 * 6;  // micro-tiles are 6 W rows
+  std::vector<float> yT(static_cast<size_t>(Np * Mp));
+  avx2lin::gemm_forward(w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r,
+                        lora ? lora->scaling : 0.0f, yT.data());
+  // Transpose out in 16 x 64 tiles: rows of yT are read and rows of y written a cache line at a time.
+  constexpr int64_t kTileN = 64;
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t m0 = 0; m0 < Mp; m0 += 16)
+    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
+      const int64_t n1 = std::min(N, n0 + kTileN), m1 = std::min(M, m0 + 16);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t n = n0; n < n1; ++n)
+          store_from_f32(y, dtype, m * N + n, yT[n * Mp + m] + (bias ? bias[n] : 0.0f));
+    }
+  return Status::kOk;
+}
+
+Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                             const LoraArgs* lora, const float* g, void* dx) {
+  if (Status s = check_args(w, lora, M, dy, dx); s != Status::kOk) return s;
+  if (lora && !g) return Status::kNullPointer;
+  if (!use_avx2()) return qlora_backward_dx_ref(dy, dtype, M, w, lora, g, dx);
+  const int64_t N = w.N, K = w.K;
+  const int64_t Mp = (M + 5) / 6 * 6, Kp = (K + 15) / 16 * 16;
+  std::vector<float> dyp(static_cast<size_t>(Mp * N)), acc(static_cast<size_t>(Mp * Kp));
+#pragma omp parallel for schedule(static)
+  for (int64_t m = 0; m < Mp; ++m) {
+    if (m < M)
+      load_row(dy, dtype, m, N, nullptr, dyp.data() + m * N);
+    else
+      std::fill_n(dyp.data() + m * N, N, 0.0f);
+  }
+  avx2lin::gemm_backward_dx(w, dyp.data(), M, acc.data());
+  // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.
+#pragma omp parallel
+  {
+    std::vector<float> l(static_cast<size_t>(K));
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      float* a = acc.data() + m * Kp;
+      if (lora) {
+        std::fill(l.begin(), l.end(), 0.0f);
+        for (int64_t j = 0; j < lora->r; ++j) avx2lin::axpy(g[m * lora->r + j], lora->A + j * K, l.data(), K);
+        if (lora->drop.active()) {
+          const uint32_t row = lora->drop.row(m);
+          for (int64_t k = 0; k < K; ++k) l[k] = lora->drop.apply(row, k, l[k]);
+        }
+        avx2lin::axpy(lora->scaling, l.data(), a, K);
+      }
+      for (int64_t k = 0; k < K; ++k) store_from_f32(dx, dtype, m * K + k, a[k]);
+    }
+  }
+  return Status::kOk;
+}
+
+Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                       float scaling, const DropoutMask& drop, float* dA) {
+  if (!g || !x || !dA) return Status::kNullPointer;
+  if (M <= 0 || K <= 0 || r <= 0) return Status::kBadSize;
+  if (!use_avx2()) return lora_grad_a_ref(g, x, dtype, M, K, r, scaling, drop, dA);
+  constexpr int64_t kCols = 512;
+  std::fill_n(dA, r * K, 0.0f);
+#pragma omp parallel
+  {
+    std::vector<float> row(static_cast<size_t>(kCols));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k0 = 0; k0 < K; k0 += kCols) {
+      const int64_t kc = std::min(kCols, K - k0);
+      for (int64_t m = 0; m < M; ++m) {
+        const uint32_t rh = drop.active() ? drop.row(m) : 0;
+        for (int64_t k = 0; k < kc; ++k) {
+          const float v = load_as_f32(x, dtype, m * K + k0 + k);
+          row[k] = drop.active() ? drop.apply(rh, k0 + k, v) : v;
+        }
+        for (int64_t j = 0; j < r; ++j) avx2lin::axpy(g[m * r + j], row.data(), dA + j * K + k0, kc);
+      }
+      for (int64_t j = 0; j < r; ++j)
+        for (int64_t k = 0; k < kc; ++k) dA[j * K + k0 + k] *= scaling;
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace nf4lora

@@ -1,0 +1,46 @@
+// CPU fused QLoRA linear: the launchers the bindings call, with the same ABI and results (to fp32
+// rounding) as csrc/ref/linear_ref.h. Dispatch (csrc/cpu/linear.cpp) picks, by shape:
+//   GEMV path  (M <= kGemvMaxRows, K % 32 == 0): stream each packed W row once, decode 32 codes per
+//              16-byte load in registers, FMA against up to 4 activation rows at a time.
+//   GEMM path  (otherwise): decode a W panel into an L1/L2-resident fp32 buffer, then a 6x16
+//              register-blocked AVX2 micro-kernel; the LoRA term is added in the epilogue.
+// Without AVX2 every call runs the scalar reference. CPU launchers allocate their own host scratch
+// (per-thread panels, an fp32 accumulator the size of the output): never a dense copy of W.
+#pragma once
+#include "ref/linear_ref.h"
+
+namespace nf4lora {
+
+constexpr int64_t kGemvMaxRows = 16;  // retune from bench/bench_linear.py
+
+Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                         const float* bias, const LoraArgs* lora, void* y, float* u);
+Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                             const LoraArgs* lora, const float* g, void* dx);
+Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                       float scaling, const DropoutMask& drop, float* dA);
+
+// Which path qlora_forward_cpu takes for these sizes (tests and benchmarks report it).
+const char* forward_path(int64_t M, int64_t N, int64_t K);
+
+// ---- AVX2 building blocks (csrc/cpu/linear_avx2.cpp; call only when use_avx2()) ----
+namespace avx2lin {
+// x [M, K] fp32 -> xp [M, K] in the lane order the GEMV decode produces (K % 32 == 0).
+void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp);
+// y_acc[m, n] (fp32, [M, N]) = sum_k x[m, k] W[n, k] for rows n in [n0, n1), all m < M;
+// xp from gemv_permute_x; requires K % 32 == 0.
+void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
+                  float* y_acc);
+// Full forward GEMM into yT (fp32, [round_up(N, 6), Mp], Mp = round_up(M, 16), transposed).
+// With u != nullptr the LoRA term rides as r extra K columns: yT += (s B) u^T (u [M, r], B [N, r]).
+void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, const float* u,
+                  const float* B, int64_t r, float scaling, float* yT);
+// Full dx GEMM into dxacc (fp32, [Mp6, Kp] with Mp6 = round_up(M, 6), Kp = round_up(K, 16)).
+void gemm_backward_dx(const NF4Weight& w, const float* dy_padded, int64_t M, float* dxacc);
+// dot products of length n
+float dot(const float* a, const float* b, int64_t n);
+// y[0:n] += alpha * x[0:n]
+void axpy(float alpha, const float* x, float* y, int64_t n);
+}  // namespace avx2lin
+
+}  // namespace nf4lora

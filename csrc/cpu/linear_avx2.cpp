@@ -1,0 +1,290 @@
+// AVX2/FMA kernels of the CPU fused QLoRA linear (dispatch and epilogues: linear.cpp).
+//
+// NF4 decode, 32 codes per 16-byte load (decode32_split): split nibbles, vpshufb the four byte
+// planes of the exact float32 code table, interleave the planes back into float32 lanes. The
+// result comes out "lane-split": f0 = [e0-3 | e16-19], f1 = [e4-7 | e20-23], f2 = [e8-11 | e24-27],
+// f3 = [e12-15 | e28-31]. The GEMV permutes x into that order once per call (gemv_permute_x) so the
+// hot loop needs no cross-lane shuffles; panel decode restores natural order with 4 vperm2f128.
+//
+// GEMM forward computes y^T = W x^T: A = decoded W rows (6 at a time, broadcast), B = x^T packed in
+// 16-wide micro-panels [kc][16]; tile 6x16 in 12 ymm accumulators. Blocking: KC = 256 along K (one
+// micro-panel = 16 KB, L1), NB = 48 W rows per decoded block (48 KB, L2), each W element decoded once.
+// GEMM dx computes dx = dy W: A = dy rows (6, broadcast), B = decoded W rows [nc][16 of KB]
+// (natural order, no transpose): NC = 256 along N, KB = 64 columns per decoded block (64 KB, L2).
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cpu/linear.h"
+#include "cpu/simd_avx2.h"
+
+namespace nf4lora {
+namespace avx2lin {
+
+namespace {
+
+constexpr int64_t kKC = 256;  // forward: K per packed x^T chunk
+constexpr int64_t kNB = 48;   // forward: W rows per decoded block (8 micro-tiles of 6)
+constexpr int64_t kNC = 256;  // dx: N (reduction) per chunk
+constexpr int64_t kKB = 64;   // dx: K columns per decoded block (4 micro-tiles of 16)
+constexpr int kMR = 6;
+constexpr int kNR = 16;
+
+// Byte planes of the float32 NF4 table: plane p, byte c = byte p of kNF4[c] (both 128-bit lanes).
+struct Planes {
+  __m256i p[4];
+  Planes() {
+    alignas(32) uint8_t bytes[4][32];
+    for (int c = 0; c < 16; ++c) {
+      const uint32_t u = f32_bits(kNF4[c]);
+      for (int b = 0; b < 4; ++b) bytes[b][c] = bytes[b][c + 16] = static_cast<uint8_t>(u >> (8 * b));
+    }
+    for (int b = 0; b < 4; ++b) p[b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[b]));
+  }
+};
+
+inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);  // elements 0, 2, 4, ...
+  const __m128i lo = _mm_and_si128(b, m4);                      // elements 1, 3, 5, ...
+  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+  const __m256i b0 = _mm256_shuffle_epi8(t.p[0], c), b1 = _mm256_shuffle_epi8(t.p[1], c);
+  const __m256i b2 = _mm256_shuffle_epi8(t.p[2], c), b3 = _mm256_shuffle_epi8(t.p[3], c);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+// Elements [k0, k0 + len) of W row n -> dst[0:len] (fp32, natural order). 32-element groups that
+// start on a 32-aligned flat index take the vector decode; anything else decodes element-wise.
+void decode_row_segment(const NF4Weight& w, const Planes& t, int64_t n, int64_t k0, int64_t len,
+                        float* dst) {
+  const int64_t base = n * w.K + k0;
+  int64_t k = 0;
+  if (base % 32 == 0) {
+    for (; k + 32 <= len; k += 32) {
+      __m256 f[4];
+      decode32_split(w.packed + (base + k) / 2, t, f);
+      const __m256 s = _mm256_set1_ps(w.scales.block((base + k) / w.blocksize));
+      _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x20), s));
+      _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x20), s));
+      _mm256_storeu_ps(dst + k + 16, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x31), s));
+      _mm256_storeu_ps(dst + k + 24, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x31), s));
+    }
+  }
+  for (; k < len; ++k) dst[k] = w.at(n, k0 + k);
+}
+
+// C[MR x 16] (+)= A[MR x kc] * B[kc x 16]; A rows at a + i*lda (broadcast), B rows at b + k*ldb.
+template <int MR>
+inline void ukernel(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+                    int64_t ldc, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+  for (int i = 0; i < MR; ++i) {
+    c0[i] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
+    c1[i] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(b + k * ldb), b1 = _mm256_loadu_ps(b + k * ldb + 8);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 ai = _mm256_broadcast_ss(a + i * lda + k);
+      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
+      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(c + i * ldc, c0[i]);
+    _mm256_storeu_ps(c + i * ldc + 8, c1[i]);
+  }
+}
+
+// One W row against MT activation rows (xp permuted, row stride K); ACC accumulators per row keep
+// the FMA chains short enough to hide latency.
+template <int MT, int ACC>
+inline void gemv_row(const NF4Weight& w, const Planes& t, int64_t n, const float* xp,
+                     float* out /* [MT], stride 1 */) {
+  const int64_t K = w.K;
+  const uint8_t* row = w.packed + n * K / 2;
+  __m256 acc[MT][ACC];
+  for (int m = 0; m < MT; ++m)
+    for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
+  const int64_t flat0 = n * K;
+  for (int64_t k = 0; k < K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k / 2 + 1024), _MM_HINT_T0);
+    __m256 f[4];
+    decode32_split(row + k / 2, t, f);
+    const __m256 s = _mm256_set1_ps(w.scales.block((flat0 + k) / w.blocksize));
+    for (int i = 0; i < 4; ++i) {
+      const __m256 fi = _mm256_mul_ps(f[i], s);
+      for (int m = 0; m < MT; ++m)
+        acc[m][i % ACC] = _mm256_fmadd_ps(fi, _mm256_loadu_ps(xp + m * K + k + 8 * i), acc[m][i % ACC]);
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m256 sum = acc[m][0];
+    for (int a = 1; a < ACC; ++a) sum = _mm256_add_ps(sum, acc[m][a]);
+    out[m] = avx2::hsum(sum);
+  }
+}
+
+}  // namespace
+
+void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp) {
+  // per group of 32: [x0-3, x16-19, x4-7, x20-23, x8-11, x24-27, x12-15, x28-31]
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K; g += 32)
+      for (int q = 0; q < 4; ++q) {
+        std::memcpy(xp + m * K + g + 8 * q, x + m * K + g + 4 * q, 4 * sizeof(float));
+        std::memcpy(xp + m * K + g + 8 * q + 4, x + m * K + g + 16 + 4 * q, 4 * sizeof(float));
+      }
+}
+
+void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
+                  float* y_acc) {
+  static const Planes t;
+  const int64_t N = w.N, K = w.K;
+  float out[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      gemv_row<4, 2>(w, t, n, xp + m * K, out);
+      for (int i = 0; i < 4; ++i) y_acc[(m + i) * N + n] = out[i];
+    }
+    switch (M - m) {
+      case 3: gemv_row<3, 2>(w, t, n, xp + m * K, out); break;
+      case 2: gemv_row<2, 4>(w, t, n, xp + m * K, out); break;
+      case 1: gemv_row<1, 4>(w, t, n, xp + m * K, out); break;
+      default: break;
+    }
+    for (int64_t i = m; i < M; ++i) y_acc[i * N + n] = out[i - m];
+  }
+}
+
+void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, const float* u,
+                  const float* B, int64_t r, float scaling, float* yT) {
+  static const Planes t;
+  const int64_t N = w.N, K = w.K;
+  const int64_t Mp = (M + 15) / 16 * 16;
+  const int64_t panels = Mp / 16;
+  const int64_t nblocks = (N + kNB - 1) / kNB;
+  std::vector<float> xpack(static_cast<size_t>(Mp * kKC));  // x^T chunk: [panels][kc][16]
+#pragma omp parallel
+  {
+    std::vector<float> wbuf(static_cast<size_t>(kNB * kKC));
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < panels; ++p) {
+        float* dst = xpack.data() + p * kKC * 16;
+        for (int j = 0; j < 16; ++j) {
+          const int64_t m = p * 16 + j;
+          if (m < M) {
+            for (int64_t k = 0; k < kc; ++k) dst[k * 16 + j] = load_as_f32(x, dtype, m * K + k0 + k);
+          } else {
+            for (int64_t k = 0; k < kc; ++k) dst[k * 16 + j] = 0.0f;
+          }
+        }
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t nb = 0; nb < nblocks; ++nb) {
+        const int64_t nlo = nb * kNB, rows = std::min(kNB, N - nlo);
+        const int64_t rows6 = (rows + kMR - 1) / kMR * kMR;
+        for (int64_t i = 0; i < rows6; ++i) {
+          if (i < rows)
+            decode_row_segment(w, t, nlo + i, k0, kc, wbuf.data() + i * kKC);
+          else
+            std::fill_n(wbuf.data() + i * kKC, kc, 0.0f);
+        }
+        for (int64_t p = 0; p < panels; ++p)
+          for (int64_t i = 0; i < rows6; i += kMR)
+            ukernel<kMR>(wbuf.data() + i * kKC, kKC, xpack.data() + p * kKC * 16, 16, kc,
+                         yT + (nlo + i) * Mp + p * 16, Mp, k0 > 0);
+      }
+    }
+    if (u != nullptr) {
+      // LoRA as r extra K columns: A operand = s * B rows, B operand = u^T micro-panels.
+      for (int64_t j0 = 0; j0 < r; j0 += kKC) {
+        const int64_t rc = std::min(kKC, r - j0);
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; ++p) {
+          float* dst = xpack.data() + p * kKC * 16;
+          for (int j = 0; j < 16; ++j) {
+            const int64_t m = p * 16 + j;
+            for (int64_t k = 0; k < rc; ++k) dst[k * 16 + j] = m < M ? u[m * r + j0 + k] : 0.0f;
+          }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t nb = 0; nb < nblocks; ++nb) {
+          const int64_t nlo = nb * kNB, rows = std::min(kNB, N - nlo);
+          const int64_t rows6 = (rows + kMR - 1) / kMR * kMR;
+          for (int64_t i = 0; i < rows6; ++i)
+            for (int64_t k = 0; k < rc; ++k)
+              wbuf[i * kKC + k] = i < rows ? scaling * B[(nlo + i) * r + j0 + k] : 0.0f;
+          for (int64_t p = 0; p < panels; ++p)
+            for (int64_t i = 0; i < rows6; i += kMR)
+              ukernel<kMR>(wbuf.data() + i * kKC, kKC, xpack.data() + p * kKC * 16, 16, rc,
+                           yT + (nlo + i) * Mp + p * 16, Mp, true);
+        }
+      }
+    }
+  }
+}
+
+void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxacc) {
+  static const Planes t;
+  const int64_t N = w.N, K = w.K;
+  const int64_t Mp = (M + kMR - 1) / kMR * kMR;
+  const int64_t Kp = (K + kNR - 1) / kNR * kNR;
+  const int64_t kblocks = (K + kKB - 1) / kKB;
+#pragma omp parallel
+  {
+    std::vector<float> wbuf(static_cast<size_t>(kNC * kKB));
+    for (int64_t n0 = 0; n0 < N; n0 += kNC) {
+      const int64_t nc = std::min(kNC, N - n0);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t kb = 0; kb < kblocks; ++kb) {
+        const int64_t klo = kb * kKB, cols = std::min(kKB, K - klo);
+        const int64_t cols16 = (cols + kNR - 1) / kNR * kNR;
+        for (int64_t i = 0; i < nc; ++i) {
+          float* dst = wbuf.data() + i * kKB;
+          decode_row_segment(w, t, n0 + i, klo, cols, dst);
+          std::fill(dst + cols, dst + cols16, 0.0f);
+        }
+        for (int64_t m = 0; m < Mp; m += kMR)
+          for (int64_t c = 0; c < cols16; c += kNR)
+            ukernel<kMR>(dy + m * N + n0, N, wbuf.data() + c, kKB, nc, dxacc + m * Kp + klo + c, Kp,
+                         n0 > 0);
+      }
+    }
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+  }
+  float s = avx2::hsum(_mm256_add_ps(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const __m256 a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(a, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+
+}  // namespace avx2lin
+}  // namespace nf4lora

@@ -1,0 +1,59 @@
+// Scalar reference of the fused QLoRA linear (DESIGN.md "The fused QLoRA linear"): the tests'
+// oracle. Every element of W is decoded from the packed NF4 state on the fly, one at a time.
+//
+//   forward:   u = D(x) A^T   [M, r]          y  = x W^T + bias + s u B^T   [M, N]
+//   backward:  dx = dy W + s D(g A)  [M, K]   dA = s g^T D(x)  [r, K]
+//
+// x, y, dy, dx: row-major activations in `dtype`; A [r, K], B [N, r], bias [N], u, g [M, r] fp32.
+#pragma once
+#include <cstdint>
+
+#include "nf4lora/dropout.h"
+#include "nf4lora/dtype.h"
+#include "nf4lora/layout.h"
+#include "nf4lora/status.h"
+
+namespace nf4lora {
+
+// The frozen NF4 weight W [N, K] (flattened blocks of `blocksize` along K, bitsandbytes layout).
+struct NF4Weight {
+  const uint8_t* packed = nullptr;  // [(N*K+1)/2]
+  NF4Scales scales;
+  int64_t N = 0, K = 0, blocksize = 64;
+
+  // W[n, k] as float32 (reference decode; the fast kernels decode 32 at a time).
+  NF4LORA_HD float at(int64_t n, int64_t k) const {
+    const int64_t i = n * K + k;
+    const uint8_t byte = packed[i / 2];
+    return nf4_decode((i % 2 == 0) ? nf4_hi(byte) : nf4_lo(byte)) * scales.block(i / blocksize);
+  }
+  Status check() const {
+    if (!packed) return Status::kNullPointer;
+    if (N <= 0 || K <= 0) return Status::kBadSize;
+    if (!blocksize_valid(blocksize)) return Status::kBadBlocksize;
+    return scales.check();
+  }
+};
+
+// The LoRA side of the fused linear. A [r, K], B [N, r] float32; scaling s; dropout on the LoRA input.
+struct LoraArgs {
+  const float* A = nullptr;
+  const float* B = nullptr;
+  int64_t r = 0;
+  float scaling = 0.0f;
+  DropoutMask drop;
+};
+
+// y = x W^T + bias (+ s D(x) A^T B^T when lora != nullptr; then u [M, r] receives D(x) A^T).
+Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                         const float* bias, const LoraArgs* lora, void* y, float* u);
+
+// dx = dy W (+ s D(g A) when lora != nullptr; g [M, r] = dy B computed by the caller).
+Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                             const LoraArgs* lora, const float* g, void* dx);
+
+// dA = s g^T D(x)   g [M, r] fp32, x [M, K] in dtype  ->  dA [r, K] fp32.
+Status lora_grad_a_ref(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                       float scaling, const DropoutMask& drop, float* dA);
+
+}  // namespace nf4lora
