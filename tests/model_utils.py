@@ -37,7 +37,7 @@ def dequantized_copy(qmodel, base):
 
 
 def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
 
 
 def randomize_adapters(model, adapter="default", seed=0, scale=0.05):

@@ -80,12 +80,12 @@ def check_target_config(target_modules, layers_to_transform, layers_pattern):
     """The argument combinations PEFT's LoraConfig rejects."""
     if target_modules is None:
         raise ValueError("target_modules must be given (a list of names, a regex str, or 'all-linear')")
-    if isinstance(target_modules, str) and target_modules.lower() != ALL_LINEAR:
+    if isinstance(target_modules, str):  # a regex or "all-linear"
         if layers_to_transform is not None:
             raise ValueError("layers_to_transform cannot be used when target_modules is a str (regex)")
         if layers_pattern is not None:
             raise ValueError("layers_pattern cannot be used when target_modules is a str (regex)")
-    elif not isinstance(target_modules, str):
+    else:
         if not all(isinstance(t, str) for t in target_modules):
             raise TypeError(f"target_modules must be a str or a list of str, got {target_modules!r}")
     if layers_pattern and layers_to_transform is None:
@@ -121,11 +121,7 @@ def _output_head_name(model):
 def find_targets(model, target_modules, layers_to_transform=None, layers_pattern=None,
                  exclude_modules=None, linear_types=(nn.Linear, QLoRALinear)):
     """Names of the modules an adapter with this configuration wraps, in model order. Modules inside
-    an adapted layer (its lora_A / lora_B) are never candidates.
-
-    "all-linear" resolves to every linear name except the output head, then follows the list rules
-    with layers_to_transform applied to every name (PEFT does the same for models with 20 or more
-    linear layers, where it condenses the list into suffixes)."""
+    an adapted layer (its lora_A / lora_B) are never candidates."""
     check_target_config(target_modules, layers_to_transform, layers_pattern)
     all_linear = isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR
     if all_linear:
@@ -140,7 +136,7 @@ def find_targets(model, target_modules, layers_to_transform=None, layers_pattern
         if is_excluded(name, exclude_modules):
             continue
         if all_linear:
-            hit = name in linear and in_layers(name, layers_to_transform, layers_pattern)
+            hit = name in linear
         else:
             hit = is_target(name, target_modules, layers_to_transform, layers_pattern)
         if hit:
