@@ -37,7 +37,8 @@ def dequantized_copy(qmodel, base):
 
 
 def rel(a, b):
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def randomize_adapters(model, adapter="default", seed=0, scale=0.05):

@@ -94,7 +94,8 @@ def test_save_load_round_trip(base, tmp_path):
     nl.save_adapter(m, str(tmp_path))
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
-    assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj"] and cfg["rank_pattern"] == {"down_proj": 3}
+    assert sorted(cfg["target_modules"]) == ["down_proj", "q_proj"]
+    assert cfg["rank_pattern"] == {"down_proj": 3}
     assert cfg["bias"] == "none" and cfg["use_rslora"] is False
     back = nl.load_adapter(copy.deepcopy(base), str(tmp_path))
     assert rel(logits(back, x), logits(m, x)) <= 1e-6
@@ -146,7 +147,8 @@ def test_malformed_adapter_files(base, saved, case, exc, match):
         "transposed": dict(weights=lambda sd: sd.__setitem__(KEY_A, sd[KEY_A].t().contiguous())),
         "wrong_r": dict(config=lambda c: c.__setitem__("r", 5)),
         "rank_pattern": dict(config=lambda c: c.__setitem__("rank_pattern", {"v_proj": 2})),
-        "extra": dict(weights=lambda sd: sd.__setitem__(KEY_A.replace("v_proj", "k_proj"), sd[KEY_A].clone())),
+        "extra": dict(weights=lambda sd: sd.__setitem__(KEY_A.replace("v_proj", "k_proj"),
+                                                        sd[KEY_A].clone())),
         "dora": dict(weights=lambda sd: sd.__setitem__(
             KEY_A.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(64))),
         "peft_type": dict(config=lambda c: c.__setitem__("peft_type", "IA3")),
@@ -167,7 +169,8 @@ def test_malformed_adapter_files(base, saved, case, exc, match):
 def test_missing_files(base, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         nl.load_adapter(copy.deepcopy(base), str(tmp_path))
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+    cfg = {"peft_type": "LORA", "target_modules": ["q_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
         nl.load_adapter(copy.deepcopy(base), str(tmp_path))
     with pytest.raises(ValueError, match="not found"):

@@ -253,7 +253,8 @@ class QLoRALinear(nn.Module):
     def delta_weight(self, adapter_name) -> torch.Tensor:
         """float32 [N, K]: scaling * B @ A of one adapter."""
         c = self.lora_config[adapter_name]
-        return c["scaling"] * (self.lora_B[adapter_name].weight.float() @ self.lora_A[adapter_name].weight.float())
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        return c["scaling"] * (B.float() @ A.float())
 
     @torch.no_grad()
     def merged_dense(self, adapter_names=None) -> torch.Tensor:

@@ -42,8 +42,9 @@ def save_adapter(model, save_directory, adapter_name="default"):
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
-            tensors[_key(name, "lora_A")] = layer.lora_A[adapter_name].weight.detach().cpu().contiguous().clone()
-            tensors[_key(name, "lora_B")] = layer.lora_B[adapter_name].weight.detach().cpu().contiguous().clone()
+            for which in ("lora_A", "lora_B"):
+                w = getattr(layer, which)[adapter_name].weight
+                tensors[_key(name, which)] = w.detach().cpu().contiguous().clone()
     mcfg = getattr(model, "config", None)
     config = {
         "peft_type": "LORA", "task_type": None, "inference_mode": True,
