@@ -12,6 +12,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_force_scalar", &nf4lora::set_force_scalar, "Force the scalar fallback (tests)");
   m.def("uses_avx2", &nf4lora::use_avx2, "The fast kernels currently take the AVX2 path");
   m.def("num_threads", &nf4lora::cpu_num_threads, "OpenMP threads the kernels use");
+  m.def(
+      "fma_peak_gflops",
+      [](int64_t iters) {
+        if (!nf4lora::cpu_has_avx2()) throw pybind11::value_error("fma_peak_gflops needs AVX2");
+        pybind11::gil_scoped_release nogil;
+        return nf4lora::fma_peak_gflops(iters);
+      },
+      pybind11::arg("iters") = 50000000, "Sustained fp32 FMA GFLOP/s of all threads (benchmarks)");
   nf4lora::register_cpu_quantize(m);
   nf4lora::register_cpu_linear(m);
   nf4lora::register_cpu_optim(m);

@@ -1,6 +1,7 @@
 // Run-time CPU feature check: the AVX2 kernels (files *_avx2.cpp, the only ones compiled with
 // -mavx2 -mfma -mf16c) run only when the CPU has AVX2, FMA and F16C; otherwise the scalar path.
 #pragma once
+#include <cstdint>
 
 namespace nf4lora {
 
@@ -8,5 +9,7 @@ bool cpu_has_avx2();          // AVX2 + FMA + F16C, checked once
 void set_force_scalar(bool);  // tests: force the scalar fallback to exercise it
 bool use_avx2();              // cpu_has_avx2() && !forced scalar
 int cpu_num_threads();        // OpenMP threads the kernels will use
+// Benchmarks' ceiling: sustained fp32 FMA GFLOP/s over all threads (peak_avx2.cpp; AVX2 only).
+double fma_peak_gflops(int64_t iters);
 
 }  // namespace nf4lora

@@ -36,7 +36,8 @@ void load_row(const void* x, DType dtype, int64_t m, int64_t K, const DropoutMas
 
 // u [M, r] = D(x) A^T
 void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
-#pragma omp parallel
+  // A parallel region costs a fork/join; for a few rows one thread is cheaper.
+#pragma omp parallel if (M * K * lora.r >= (1 << 20))
   {
     std::vector<float> row(static_cast<size_t>(K));
 #pragma omp for schedule(static)

@@ -66,16 +66,23 @@ inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
 void decode_row_segment(const NF4Weight& w, const Planes& t, int64_t n, int64_t k0, int64_t len,
                         float* dst) {
   const int64_t base = n * w.K + k0;
+  const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));  // blocksize is 2^lb
   int64_t k = 0;
   if (base % 32 == 0) {
-    for (; k + 32 <= len; k += 32) {
-      __m256 f[4];
-      decode32_split(w.packed + (base + k) / 2, t, f);
-      const __m256 s = _mm256_set1_ps(w.scales.block((base + k) / w.blocksize));
-      _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x20), s));
-      _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x20), s));
-      _mm256_storeu_ps(dst + k + 16, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x31), s));
-      _mm256_storeu_ps(dst + k + 24, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x31), s));
+    // one scale per NF4 block segment (a block never splits a 32-aligned group: blocksize >= 32)
+    while (k + 32 <= len) {
+      const int64_t b = (base + k) >> lb;
+      const int64_t seg_end = std::min(len, ((b + 1) << lb) - base);
+      const __m256 s = _mm256_set1_ps(w.scales.block(b));
+      for (; k + 32 <= seg_end; k += 32) {
+        __m256 f[4];
+        decode32_split(w.packed + (base + k) / 2, t, f);
+        _mm256_storeu_ps(dst + k, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x20), s));
+        _mm256_storeu_ps(dst + k + 8, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x20), s));
+        _mm256_storeu_ps(dst + k + 16, _mm256_mul_ps(_mm256_permute2f128_ps(f[0], f[1], 0x31), s));
+        _mm256_storeu_ps(dst + k + 24, _mm256_mul_ps(_mm256_permute2f128_ps(f[2], f[3], 0x31), s));
+      }
+      if (k < seg_end) break;  // fewer than 32 left in this segment: finish element-wise
     }
   }
   for (; k < len; ++k) dst[k] = w.at(n, k0 + k);
@@ -116,15 +123,20 @@ inline void gemv_row(const NF4Weight& w, const Planes& t, int64_t n, const float
   for (int m = 0; m < MT; ++m)
     for (int a = 0; a < ACC; ++a) acc[m][a] = _mm256_setzero_ps();
   const int64_t flat0 = n * K;
-  for (int64_t k = 0; k < K; k += 32) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + k / 2 + 1024), _MM_HINT_T0);
-    __m256 f[4];
-    decode32_split(row + k / 2, t, f);
-    const __m256 s = _mm256_set1_ps(w.scales.block((flat0 + k) / w.blocksize));
-    for (int i = 0; i < 4; ++i) {
-      const __m256 fi = _mm256_mul_ps(f[i], s);
-      for (int m = 0; m < MT; ++m)
-        acc[m][i % ACC] = _mm256_fmadd_ps(fi, _mm256_loadu_ps(xp + m * K + k + 8 * i), acc[m][i % ACC]);
+  const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));
+  for (int64_t k = 0; k < K;) {
+    const int64_t b = (flat0 + k) >> lb;
+    const int64_t seg_end = std::min(K, ((b + 1) << lb) - flat0);
+    const __m256 s = _mm256_set1_ps(w.scales.block(b));  // once per NF4 block
+    for (; k < seg_end; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k / 2 + 1024), _MM_HINT_T0);
+      __m256 f[4];
+      decode32_split(row + k / 2, t, f);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 fi = _mm256_mul_ps(f[i], s);
+        for (int m = 0; m < MT; ++m)
+          acc[m][i % ACC] = _mm256_fmadd_ps(fi, _mm256_loadu_ps(xp + m * K + k + 8 * i), acc[m][i % ACC]);
+      }
     }
   }
   for (int m = 0; m < MT; ++m) {
