@@ -276,8 +276,9 @@ def test_torch_compile_fullgraph():
     y_eager = qmodel(xin)
     y_comp = cm(xin)
     torch.testing.assert_close(y_comp, y_eager)
-    g_eager = torch.autograd.grad(y_eager.sum(), [xin, qmodel[0].lora_A, qmodel[2].lora_B])
-    g_comp = torch.autograd.grad(y_comp.sum(), [xin, qmodel[0].lora_A, qmodel[2].lora_B])
+    params = [xin, qmodel[0].lora_A_weight, qmodel[2].lora_B_weight]  # the active adapter's A, B
+    g_eager = torch.autograd.grad(y_eager.sum(), params)
+    g_comp = torch.autograd.grad(y_comp.sum(), params)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b)
 
