@@ -262,31 +262,36 @@ def test_8bit_matches_plain_torch_reference(dtype):
             assert torch.equal(mine[k], t), k
 
 
-def _train(optim_bits, steps=300):
+def _train(optim_bits, steps=150):
+    """A noisy nonlinear regression whose loss floor is the noise (0.09): no memorisation, so the
+    final loss measures the optimizer, not overfitting."""
     torch.manual_seed(0)
-    n, d, k = 512, 64, 8
+    n, d, k = 2048, 128, 32
     x = torch.randn(n, d)
-    w_true = torch.randn(d, k)
-    labels = (x @ w_true + 0.5 * torch.randn(n, k)).argmax(1)
-    model = torch.nn.Sequential(torch.nn.Linear(d, 128), torch.nn.GELU(), torch.nn.Linear(128, 64),
-                                torch.nn.GELU(), torch.nn.Linear(64, k))
-    opt = nl.PagedAdamW(model.parameters(), lr=2e-3, weight_decay=0.01, optim_bits=optim_bits)
+    w_true = torch.randn(d, k) / d ** 0.5
+    y = torch.tanh(x @ w_true) + 0.3 * torch.randn(n, k)
+    model = torch.nn.Sequential(torch.nn.Linear(d, 64), torch.nn.Tanh(), torch.nn.Linear(64, k))
+    opt = nl.PagedAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, optim_bits=optim_bits)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), labels)
-        loss.backward()
+        torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(model(x), labels).item(), opt
+        return torch.nn.functional.mse_loss(model(x), y).item(), opt
 
 
 def test_8bit_converges_like_32bit():
-    loss32, _ = _train(32)
-    loss8, opt8 = _train(8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared 2-core box
+    try:
+        loss32, _ = _train(32)
+        loss8, opt8 = _train(8)
+    finally:
+        torch.set_num_threads(threads)
     eight = [st for st in opt8.state.values() if st["exp_avg"].dtype == torch.uint8]
-    assert len(eight) == 2  # the two weights >= 4096 elements
-    assert loss32 < 0.3  # it did learn
-    assert abs(loss8 - loss32) <= 0.05 * loss32 + 5e-3, (loss8, loss32)
+    assert len(eight) == 1  # the 128x64 weight (>= 4096 elements); the rest stay 32-bit
+    assert loss32 < 0.12  # it learned (start ~0.6, noise floor 0.09)
+    assert abs(loss8 - loss32) <= 0.03 * loss32, (loss8, loss32)
 
 
 def test_8bit_state_memory_is_quarter():
@@ -544,3 +549,13 @@ def test_public_api():
     opt = nl.PagedAdamW([torch.nn.Parameter(torch.randn(2))])
     assert opt.defaults["paged"] is True and opt.defaults["optim_bits"] == 32
     assert isinstance(opt, torch.optim.Optimizer)
+
+
+def test_load_keeps_own_placement_settings():
+    m = _model()
+    o = nl.PagedAdamW(m.parameters(), paged=True, page_size=1024, lr=0.5)
+    _train_steps(m, o, torch.optim.lr_scheduler.StepLR(o, 5), _data()[:1])
+    o2 = nl.PagedAdamW(m.parameters(), paged=False, page_size=4096, lr=0.1)
+    o2.load_state_dict(o.state_dict())
+    g = o2.param_groups[0]
+    assert g["paged"] is False and g["page_size"] == 4096 and g["lr"] == 0.5

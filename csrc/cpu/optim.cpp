@@ -1,5 +1,5 @@
-// Dispatch for the CPU fused AdamW update: argument checks, the page walk, OpenMP over 256-aligned
-// chunks of a page, AVX2 or scalar per chunk, the scalar reference for tails and partial blocks.
+// Dispatch for the CPU fused AdamW update: argument checks, the page walk (one OpenMP region over
+// the 256-aligned chunks of every page; a chunk never straddles a page), AVX2 or scalar per chunk, the scalar reference for tails and partial blocks.
 // Also builds the fast 8-bit encoder's key table (see Code8Lut in optim.h).
 #include "cpu/optim.h"
 
@@ -69,20 +69,23 @@ Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* 
   if (!param || !grad || !m || !v) return Status::kNullPointer;
   if (s.check() != Status::kOk) return s.check();
   const bool fast = use_avx2();
-  for (int64_t p0 = 0; p0 < n; p0 += page_elems) {
-    const int64_t p1 = p0 + page_elems < n ? p0 + page_elems : n;
-    const int64_t chunks = ceil_div(p1 - p0, kChunkElems);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t i0 = p0 + c * kChunkElems;
-      const int64_t i1 = i0 + kChunkElems < p1 ? i0 + kChunkElems : p1;
-      int64_t i8 = i0;
-      if (fast) {
-        i8 = i0 + (i1 - i0) / 8 * 8;
-        adamw32_elems_avx2(param, grad, dtype, m, v, i0, i8, s);
-      }
-      adamw32_elems_ref(param, grad, dtype, m, v, i8, i1, s);
+  // One parallel region over every (page, chunk) pair: chunks never straddle a page, and a single
+  // region (no barrier per page) keeps two cores busy even on a loaded machine.
+  const int64_t per_page = ceil_div(page_elems, kChunkElems);
+  const int64_t chunks = ceil_div(n, page_elems) * per_page;
+#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t page_end = (c / per_page + 1) * page_elems;
+    const int64_t i0 = (c / per_page) * page_elems + (c % per_page) * kChunkElems;
+    int64_t i1 = i0 + kChunkElems < page_end ? i0 + kChunkElems : page_end;
+    i1 = i1 < n ? i1 : n;
+    if (i0 >= i1) continue;
+    int64_t i8 = i0;
+    if (fast) {
+      i8 = i0 + (i1 - i0) / 8 * 8;
+      adamw32_elems_avx2(param, grad, dtype, m, v, i0, i8, s);
     }
+    adamw32_elems_ref(param, grad, dtype, m, v, i8, i1, s);
   }
   return Status::kOk;
 }
@@ -98,19 +101,20 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
   const bool fast = use_avx2() && lut_m.ok && lut_v.ok;
   const int64_t full = n / kOptimBlock;  // full blocks; a partial last one goes to the reference
   const int64_t page_blocks = page_elems / kOptimBlock;
-  for (int64_t pb0 = 0; pb0 < full; pb0 += page_blocks) {
-    const int64_t pb1 = pb0 + page_blocks < full ? pb0 + page_blocks : full;
-    const int64_t chunks = ceil_div(pb1 - pb0, kChunkBlocks);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t b0 = pb0 + c * kChunkBlocks;
-      const int64_t b1 = b0 + kChunkBlocks < pb1 ? b0 + kChunkBlocks : pb1;
-      if (fast)
-        adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s,
-                           lut_m.entry, lut_v.entry);
-      else
-        adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, b0, b1, s);
-    }
+  const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
+  const int64_t chunks = ceil_div(full, page_blocks) * per_page;
+#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t page_end = (c / per_page + 1) * page_blocks;
+    const int64_t b0 = (c / per_page) * page_blocks + (c % per_page) * kChunkBlocks;
+    int64_t b1 = b0 + kChunkBlocks < page_end ? b0 + kChunkBlocks : page_end;
+    b1 = b1 < full ? b1 : full;
+    if (b0 >= b1) continue;
+    if (fast)
+      adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
+                         lut_v.entry);
+    else
+      adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, b0, b1, s);
   }
   if (full * kOptimBlock < n)
     adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, full, full + 1, s);

