@@ -559,3 +559,64 @@ def test_load_keeps_own_placement_settings():
     o2.load_state_dict(o.state_dict())
     g = o2.param_groups[0]
     assert g["paged"] is False and g["page_size"] == 4096 and g["lr"] == 0.5
+
+
+# ----------------------------------------------------------------------------- CUDA paging plan (host)
+
+
+@pytest.mark.skipif(_native._C_cuda is None, reason="CUDA module not built")
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("n,page", [(1, 256), (1000, 256), (70_013, 2048), (65_536, 16_384)])
+def test_paged_plan_emulated_on_cpu(bits, n, page):
+    """The CUDA paged launcher's page/slot plan (the host code it runs), emulated with CPU copies
+    and the CPU kernel on the staging slots: same result as one pass over the whole tensor, slots
+    of in-flight pages never collide, every piece fits its slot."""
+    CC = _native._C_cuda
+    plan = CC.paged_plan(bits, n, page)
+    slot_bytes = CC.paged_slot_bytes(bits, page)
+    assert len(plan) == -(-n // page) and sum(pg["len"] for pg in plan) == n
+    for i, pg in enumerate(plan):
+        assert pg["off"] == i * page and pg["slot"] == i % CC.PAGED_SLOTS
+        if i >= 1:  # copy-in of i+1, update of i, copy-out of i-1: three different slots
+            assert len({plan[j]["slot"] for j in range(max(0, i - 1), min(len(plan), i + 2))}) == \
+                min(len(plan), i + 2) - max(0, i - 1)
+        ends = [pg["m_at"] + pg["m_bytes"], pg["v_at"] + pg["m_bytes"]]
+        assert pg["m_at"] + pg["m_bytes"] <= pg["v_at"]
+        if bits == 8:
+            assert pg["v_at"] + pg["m_bytes"] <= pg["am_at"] and pg["am_at"] % 4 == 0
+            assert pg["am_at"] + 4 * pg["nblocks"] <= pg["av_at"]
+            ends.append(pg["av_at"] + 4 * pg["nblocks"])
+            assert pg["block_off"] == pg["off"] // 256 and pg["nblocks"] == -(-pg["len"] // 256)
+        assert max(ends) <= slot_bytes
+    # emulate: host state -> slot -> kernel -> host
+    g = torch.Generator().manual_seed(n)
+    p0, grad = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    whole_p, paged_p = p0.clone(), p0.clone()
+    whole = _state8(n) if bits == 8 else _state32(n)
+    host = [t.clone() for t in whole]
+    staging = torch.zeros(CC.PAGED_SLOTS * slot_bytes, dtype=torch.uint8)
+    sdt = torch.uint8 if bits == 8 else torch.float32
+    for t in (1, 2):
+        args = _hp_args(t, page)
+        (optim_cpu.adamw8bit_step if bits == 8 else optim_cpu.adamw_step)(whole_p, grad, *whole, *args)
+        for pg in plan:
+            base = pg["slot"] * slot_bytes
+            o, ln, bo, nb = pg["off"], pg["len"], pg["block_off"], pg["nblocks"]
+
+            def piece(at, nbytes, dtype):
+                return staging[base + at: base + at + nbytes].view(dtype)
+
+            views = [piece(pg["m_at"], pg["m_bytes"], sdt), piece(pg["v_at"], pg["m_bytes"], sdt)]
+            srcs = [host[0][o:o + ln], host[1][o:o + ln]]
+            if bits == 8:
+                views += [piece(pg["am_at"], 4 * nb, torch.float32), piece(pg["av_at"], 4 * nb, torch.float32)]
+                srcs += [host[2][bo:bo + nb], host[3][bo:bo + nb]]
+            for v, s in zip(views, srcs):
+                v.copy_(s)
+            fn = optim_cpu.adamw8bit_step if bits == 8 else optim_cpu.adamw_step
+            fn(paged_p[o:o + ln], grad[o:o + ln], *views, *_hp_args(t, page))
+            for v, s in zip(views, srcs):
+                s.copy_(v)
+    assert torch.equal(paged_p, whole_p)
+    for a, b in zip(host, whole):
+        assert torch.equal(a, b)

@@ -45,6 +45,31 @@ void register_cuda_optim(py::module_& m) {
   m.def("paged_slot_bytes", &cuda::paged_slot_bytes, py::arg("bits"), py::arg("page_elems"),
         "Bytes of one device staging slot of the paged AdamW pipeline");
   m.def(
+      "paged_plan",
+      [](int bits, int64_t n, int64_t page_elems) {
+        if ((bits != 8 && bits != 32) || n <= 0 || page_elems <= 0 || page_elems % kOptimBlock)
+          throw py::value_error("paged_plan: bits must be 8 or 32, n > 0, page_elems a positive multiple of 256");
+        py::list out;
+        for (int64_t i = 0; i * page_elems < n; ++i) {
+          const cuda::PagedPage pg = cuda::paged_page(bits, n, page_elems, i);
+          py::dict d;
+          d["slot"] = pg.slot;
+          d["off"] = pg.off;
+          d["len"] = pg.len;
+          d["block_off"] = pg.block_off;
+          d["nblocks"] = pg.nblocks;
+          d["m_at"] = pg.m_at;
+          d["v_at"] = pg.v_at;
+          d["am_at"] = pg.am_at;
+          d["av_at"] = pg.av_at;
+          d["m_bytes"] = pg.m_bytes;
+          out.append(d);
+        }
+        return out;
+      },
+      py::arg("bits"), py::arg("n"), py::arg("page_elems"),
+      "The paged launcher's page/slot plan (host code it runs; tests emulate the pipeline with it)");
+  m.def(
       "adamw32",
       [](uintptr_t param, uintptr_t grad, int dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
          int64_t n, float decay, float beta2, float omb1, float omb2, float step_size,

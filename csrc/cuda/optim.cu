@@ -204,45 +204,49 @@ Status adamw_paged(void* param, const void* grad, DType dtype, int bits, void* m
 
   const int64_t pages = ceil_div(n, page_elems);
   for (int64_t i = 0; i < pages; ++i) {
-    const int k = static_cast<int>(i % kPagedSlots);
-    const int64_t off = i * page_elems;
-    const int64_t len = off + page_elems < n ? page_elems : n - off;
-    const int64_t boff = off / kOptimBlock, nb = ceil_div(len, int64_t{kOptimBlock});
+    const PagedPage pg = paged_page(bits, n, page_elems, i);
+    const int k = pg.slot;
     char* const slot = stage + k * slot_bytes;
-    char* const sm = slot;
-    char* const sv = slot + page_elems * esize;
-    float* const sam = reinterpret_cast<float*>(slot + 2 * page_elems * esize);
-    float* const sav = sam + page_elems / kOptimBlock;
+    char* const sm = slot + pg.m_at;
+    char* const sv = slot + pg.v_at;
+    float* const sam = reinterpret_cast<float*>(slot + pg.am_at);
+    float* const sav = reinterpret_cast<float*>(slot + pg.av_at);
+    char* const hm = mh + pg.off * esize;
+    char* const hv = vh + pg.off * esize;
 
     // copy in (slot k is free once page i - kPagedSlots has been copied out of it)
     if (i >= kPagedSlots) NF4LORA_CUDA_CHECK(cudaStreamWaitEvent(copy_in, ev.out_done[k], 0));
-    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sm, mh + off * esize, len * esize, cudaMemcpyHostToDevice, copy_in));
-    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sv, vh + off * esize, len * esize, cudaMemcpyHostToDevice, copy_in));
+    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sm, hm, pg.m_bytes, cudaMemcpyHostToDevice, copy_in));
+    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sv, hv, pg.m_bytes, cudaMemcpyHostToDevice, copy_in));
     if (bits == 8) {
-      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sam, absmax_m_host + boff, nb * 4, cudaMemcpyHostToDevice, copy_in));
-      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sav, absmax_v_host + boff, nb * 4, cudaMemcpyHostToDevice, copy_in));
+      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sam, absmax_m_host + pg.block_off, pg.nblocks * 4,
+                                         cudaMemcpyHostToDevice, copy_in));
+      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(sav, absmax_v_host + pg.block_off, pg.nblocks * 4,
+                                         cudaMemcpyHostToDevice, copy_in));
     }
     NF4LORA_CUDA_CHECK(cudaEventRecord(ev.in_done[k], copy_in));
 
     // update page i in place in the slot
     NF4LORA_CUDA_CHECK(cudaStreamWaitEvent(compute, ev.in_done[k], 0));
-    void* const pp = static_cast<char*>(param) + off * psize;
-    const void* const gp = static_cast<const char*>(grad) + off * psize;
+    void* const pp = static_cast<char*>(param) + pg.off * psize;
+    const void* const gp = static_cast<const char*>(grad) + pg.off * psize;
     const Status st = bits == 8 ? launch8(pp, gp, dtype, reinterpret_cast<uint8_t*>(sm),
                                           reinterpret_cast<uint8_t*>(sv), sam, sav, code_m, code_v,
-                                          len, s, compute)
+                                          pg.len, s, compute)
                                 : launch32(pp, gp, dtype, reinterpret_cast<float*>(sm),
-                                           reinterpret_cast<float*>(sv), len, s, compute);
+                                           reinterpret_cast<float*>(sv), pg.len, s, compute);
     if (st != Status::kOk) return st;
     NF4LORA_CUDA_CHECK(cudaEventRecord(ev.compute_done[k], compute));
 
     // copy out
     NF4LORA_CUDA_CHECK(cudaStreamWaitEvent(copy_out, ev.compute_done[k], 0));
-    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(mh + off * esize, sm, len * esize, cudaMemcpyDeviceToHost, copy_out));
-    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(vh + off * esize, sv, len * esize, cudaMemcpyDeviceToHost, copy_out));
+    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(hm, sm, pg.m_bytes, cudaMemcpyDeviceToHost, copy_out));
+    NF4LORA_CUDA_CHECK(cudaMemcpyAsync(hv, sv, pg.m_bytes, cudaMemcpyDeviceToHost, copy_out));
     if (bits == 8) {
-      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(absmax_m_host + boff, sam, nb * 4, cudaMemcpyDeviceToHost, copy_out));
-      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(absmax_v_host + boff, sav, nb * 4, cudaMemcpyDeviceToHost, copy_out));
+      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(absmax_m_host + pg.block_off, sam, pg.nblocks * 4,
+                                         cudaMemcpyDeviceToHost, copy_out));
+      NF4LORA_CUDA_CHECK(cudaMemcpyAsync(absmax_v_host + pg.block_off, sav, pg.nblocks * 4,
+                                         cudaMemcpyDeviceToHost, copy_out));
     }
     NF4LORA_CUDA_CHECK(cudaEventRecord(ev.out_done[k], copy_out));
   }

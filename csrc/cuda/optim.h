@@ -29,6 +29,32 @@ inline int64_t paged_slot_bytes(int bits, int64_t page_elems) {
   return (2 * page_elems * esize + absmax + 255) / 256 * 256;
 }
 
+// Page i of the paged pipeline: which slot it uses, which elements, and where its pieces sit in
+// the slot (byte offsets). Host+device code, unit-tested on the CPU through the bindings.
+struct PagedPage {
+  int slot;                 // i % kPagedSlots
+  int64_t off, len;         // elements [off, off + len) of the parameter
+  int64_t block_off, nblocks;  // absmax entries [block_off, block_off + nblocks) (8-bit)
+  int64_t m_at, v_at, am_at, av_at;  // byte offsets of m, v, absmax_m, absmax_v in the slot
+  int64_t m_bytes;          // bytes of the m (and of the v) page: len * element size
+};
+
+NF4LORA_HD PagedPage paged_page(int bits, int64_t n, int64_t page_elems, int64_t i) {
+  const int64_t esize = bits == 8 ? 1 : 4;
+  PagedPage pg;
+  pg.slot = static_cast<int>(i % kPagedSlots);
+  pg.off = i * page_elems;
+  pg.len = pg.off + page_elems < n ? page_elems : n - pg.off;
+  pg.block_off = pg.off / kOptimBlock;
+  pg.nblocks = (pg.len + kOptimBlock - 1) / kOptimBlock;
+  pg.m_at = 0;
+  pg.v_at = page_elems * esize;
+  pg.am_at = 2 * page_elems * esize;
+  pg.av_at = pg.am_at + (page_elems / kOptimBlock) * 4;
+  pg.m_bytes = pg.len * esize;
+  return pg;
+}
+
 // code_m, code_v: device float32 [256] (signed / unsigned dynamic code).
 Status adamw32(void* param, const void* grad, DType dtype, float* m, float* v, int64_t n,
                const AdamWScalars& s, cudaStream_t stream);
