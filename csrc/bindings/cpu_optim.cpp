@@ -1,5 +1,104 @@
+// Bindings of the CPU fused AdamW launchers (csrc/ref/optim_ref.h, csrc/cpu/optim.h). The seven
+// float32 step constants arrive in AdamWScalars order (nf4lora._optim_ops.adamw_scalars).
+#include "bindings/common.h"
 #include "bindings/cpu_bindings.h"
+#include "cpu/optim.h"
 
 namespace nf4lora {
-void register_cpu_optim(pybind11::module_& m) {}
+
+using namespace bind;
+
+namespace {
+
+DType to_dtype(int d) {
+  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  return static_cast<DType>(d);
+}
+
+AdamWScalars make_scalars(float decay, float beta2, float omb1, float omb2, float step_size,
+                          float bias2_sqrt, float eps) {
+  AdamWScalars s;
+  s.decay = decay;
+  s.beta2 = beta2;
+  s.one_minus_beta1 = omb1;
+  s.one_minus_beta2 = omb2;
+  s.step_size = step_size;
+  s.bias2_sqrt = bias2_sqrt;
+  s.eps = eps;
+  return s;
+}
+
+const char* kScalarsHelp =
+    "hyper-parameters out of range (lr, eps >= 0, weight_decay, betas in [0, 1), step >= 1)";
+
+}  // namespace
+
+void register_cpu_optim(py::module_& m) {
+  m.def(
+      "adamw32",
+      [](uintptr_t param, uintptr_t grad, int dtype, uintptr_t exp_avg, uintptr_t exp_avg_sq,
+         int64_t n, float decay, float beta2, float omb1, float omb2, float step_size,
+         float bias2_sqrt, float eps, int64_t page_elems, const std::string& impl) {
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        const AdamWScalars s = make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps);
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = ref ? adamw32_ref(ptr<void>(param), ptr<const void>(grad), d, ptr<float>(exp_avg),
+                                 ptr<float>(exp_avg_sq), n, s)
+                   : adamw32_cpu(ptr<void>(param), ptr<const void>(grad), d, ptr<float>(exp_avg),
+                                 ptr<float>(exp_avg_sq), n, s, page_elems);
+        }
+        check(st, "adamw32", st == Status::kBadArgument ? kScalarsHelp : "");
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("exp_avg"),
+      py::arg("exp_avg_sq"), py::arg("n"), py::arg("decay"), py::arg("beta2"), py::arg("omb1"),
+      py::arg("omb2"), py::arg("step_size"), py::arg("bias2_sqrt"), py::arg("eps"),
+      py::arg("page_elems"), py::arg("impl") = "fast");
+
+  m.def(
+      "adamw8",
+      [](uintptr_t param, uintptr_t grad, int dtype, uintptr_t qm, uintptr_t qv,
+         uintptr_t absmax_m, uintptr_t absmax_v, int64_t n, float decay, float beta2, float omb1,
+         float omb2, float step_size, float bias2_sqrt, float eps, int64_t page_elems,
+         const std::string& impl) {
+        const DType d = to_dtype(dtype);
+        const bool ref = use_ref(impl);
+        const AdamWScalars s = make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps);
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = ref ? adamw8_ref(ptr<void>(param), ptr<const void>(grad), d, ptr<uint8_t>(qm),
+                                ptr<uint8_t>(qv), ptr<float>(absmax_m), ptr<float>(absmax_v), n, s)
+                   : adamw8_cpu(ptr<void>(param), ptr<const void>(grad), d, ptr<uint8_t>(qm),
+                                ptr<uint8_t>(qv), ptr<float>(absmax_m), ptr<float>(absmax_v), n, s,
+                                page_elems);
+        }
+        check(st, "adamw8", st == Status::kBadArgument ? kScalarsHelp : "");
+      },
+      py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("qm"), py::arg("qv"),
+      py::arg("absmax_m"), py::arg("absmax_v"), py::arg("n"), py::arg("decay"), py::arg("beta2"),
+      py::arg("omb1"), py::arg("omb2"), py::arg("step_size"), py::arg("bias2_sqrt"),
+      py::arg("eps"), py::arg("page_elems"), py::arg("impl") = "fast");
+
+  m.def(
+      "code8_encode",
+      [](uintptr_t x, int64_t n, bool is_signed, uintptr_t out, const std::string& impl) {
+        const bool ref = use_ref(impl);
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = code8_encode_cpu(ptr<const float>(x), n, is_signed, ptr<uint8_t>(out), !ref);
+        }
+        check(st, "code8_encode");
+      },
+      py::arg("x"), py::arg("n"), py::arg("is_signed"), py::arg("out"), py::arg("impl") = "fast",
+      "Exact-nearest 8-bit dynamic code of float32 x[n] (tests: 'fast' = the AVX2 table encoder)");
+
+  m.def(
+      "code8_lut_ok", [](bool is_signed) { return code8_lut(is_signed).ok; }, py::arg("is_signed"),
+      "The fast encoder's key table holds at most one midpoint per key (else the scalar path runs)");
+}
+
 }  // namespace nf4lora

@@ -1,0 +1,138 @@
+// Dispatch for the CPU fused AdamW update: argument checks, the page walk (one OpenMP region over
+// the 256-aligned chunks of every page; a chunk never straddles a page), AVX2 or scalar per chunk, the scalar reference for tails and partial blocks.
+// Also builds the fast 8-bit encoder's key table (see Code8Lut in optim.h).
+#include "cpu/optim.h"
+
+#include <omp.h>
+
+#include "cpu/cpu_features.h"
+#include "nf4lora/dynamic_map.h"
+#include "nf4lora/layout.h"
+
+namespace nf4lora {
+
+namespace {
+
+// Elements per OpenMP chunk (a multiple of 256): large enough to amortise scheduling, small
+// enough that a 1M-element page splits evenly over 2..64 cores.
+constexpr int64_t kChunkElems = 1 << 14;
+constexpr int64_t kChunkBlocks = kChunkElems / kOptimBlock;
+
+void build_lut(const float* code, Code8Lut* t) {
+  float mid[255];
+  for (int j = 0; j < 255; ++j) mid[j] = (code[j + 1] + code[j]) * 0.5f;  // as code8_encode
+  t->ok = true;
+  for (uint32_t key = 0; key < 65536; ++key) {
+    if (((key >> 7) & 0xffu) == 0xffu) {  // Inf/NaN keys: never produced from finite state
+      t->entry[key] = 0;
+      continue;
+    }
+    const float a = bits_f32(key << 16), b = bits_f32((key << 16) | 0xffffu);
+    const bool neg = (key & 0x8000u) != 0;
+    const float lo = neg ? b : a, hi = neg ? a : b;  // lowest and highest value with this key
+    int c = 0;
+    while (c < 255 && mid[c] < lo) ++c;
+    uint32_t e = static_cast<uint32_t>(c) << 16;
+    if (c < 255 && mid[c] <= hi) {
+      const uint32_t mb = f32_bits(mid[c]);
+      if ((mb >> 16) != key) t->ok = false;
+      if (c + 1 < 255 && mid[c + 1] <= hi) t->ok = false;  // two midpoints: table cannot decide
+      e |= (1u << 24) | (mb & 0xffffu);
+    }
+    t->entry[key] = e;
+  }
+}
+
+const float* code_table(bool is_signed) { return is_signed ? kDynamicSigned : kDynamicUnsigned; }
+
+bool page_ok(int64_t page_elems) { return page_elems > 0 && page_elems % kOptimBlock == 0; }
+
+}  // namespace
+
+const Code8Lut& code8_lut(bool is_signed) {
+  static const Code8Lut* lut_signed = [] {
+    auto* t = new Code8Lut;
+    build_lut(kDynamicSigned, t);
+    return t;
+  }();
+  static const Code8Lut* lut_unsigned = [] {
+    auto* t = new Code8Lut;
+    build_lut(kDynamicUnsigned, t);
+    return t;
+  }();
+  return is_signed ? *lut_signed : *lut_unsigned;
+}
+
+Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* v, int64_t n,
+                   const AdamWScalars& s, int64_t page_elems) {
+  if (n <= 0 || !page_ok(page_elems)) return Status::kBadSize;
+  if (!param || !grad || !m || !v) return Status::kNullPointer;
+  if (s.check() != Status::kOk) return s.check();
+  const bool fast = use_avx2();
+  // One parallel region over every (page, chunk) pair: chunks never straddle a page, and a single
+  // region (no barrier per page) keeps two cores busy even on a loaded machine.
+  const int64_t per_page = ceil_div(page_elems, kChunkElems);
+  const int64_t chunks = ceil_div(n, page_elems) * per_page;
+#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t page_end = (c / per_page + 1) * page_elems;
+    const int64_t i0 = (c / per_page) * page_elems + (c % per_page) * kChunkElems;
+    int64_t i1 = i0 + kChunkElems < page_end ? i0 + kChunkElems : page_end;
+    i1 = i1 < n ? i1 : n;
+    if (i0 >= i1) continue;
+    int64_t i8 = i0;
+    if (fast) {
+      i8 = i0 + (i1 - i0) / 8 * 8;
+      adamw32_elems_avx2(param, grad, dtype, m, v, i0, i8, s);
+    }
+    adamw32_elems_ref(param, grad, dtype, m, v, i8, i1, s);
+  }
+  return Status::kOk;
+}
+
+Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8_t* qv,
+                  float* absmax_m, float* absmax_v, int64_t n, const AdamWScalars& s,
+                  int64_t page_elems) {
+  if (n <= 0 || !page_ok(page_elems)) return Status::kBadSize;
+  if (!param || !grad || !qm || !qv || !absmax_m || !absmax_v) return Status::kNullPointer;
+  if (s.check() != Status::kOk) return s.check();
+  const Code8Lut& lut_m = code8_lut(true);
+  const Code8Lut& lut_v = code8_lut(false);
+  const bool fast = use_avx2() && lut_m.ok && lut_v.ok;
+  const int64_t full = n / kOptimBlock;  // full blocks; a partial last one goes to the reference
+  const int64_t page_blocks = page_elems / kOptimBlock;
+  const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
+  const int64_t chunks = ceil_div(full, page_blocks) * per_page;
+#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t page_end = (c / per_page + 1) * page_blocks;
+    const int64_t b0 = (c / per_page) * page_blocks + (c % per_page) * kChunkBlocks;
+    int64_t b1 = b0 + kChunkBlocks < page_end ? b0 + kChunkBlocks : page_end;
+    b1 = b1 < full ? b1 : full;
+    if (b0 >= b1) continue;
+    if (fast)
+      adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
+                         lut_v.entry);
+    else
+      adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, b0, b1, s);
+  }
+  if (full * kOptimBlock < n)
+    adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, full, full + 1, s);
+  return Status::kOk;
+}
+
+Status code8_encode_cpu(const float* x, int64_t n, bool is_signed, uint8_t* out, bool fast) {
+  if (n <= 0) return Status::kBadSize;
+  if (!x || !out) return Status::kNullPointer;
+  const Code8Lut& lut = code8_lut(is_signed);
+  int64_t i = 0;
+  if (fast) {
+    if (!use_avx2() || !lut.ok) return Status::kUnsupported;
+    i = n / 8 * 8;
+    code8_encode_avx2(x, i, lut.entry, out);
+  }
+  for (; i < n; ++i) out[i] = code8_encode(code_table(is_signed), x[i]);
+  return Status::kOk;
+}
+
+}  // namespace nf4lora
