@@ -285,3 +285,31 @@ Status launch_gemm(const LinearPlan& p, bool bwd, const void* a, DType dt, int64
 
 }  // namespace cuda
 }  // namespace nf4lora
+
+// ---------------------------------------------------------------------------------------------
+// ptxas report (nvcc 13.0, -O3 -lineinfo, -Xptxas -v; sm_80 and sm_90 machine code, the compute_90
+// PTX is JIT-compiled). No spills anywhere; a kernel change must keep it so.
+//   sm_80  gemm<f16,fwd,mf4,nf4,2x2,st4>    168 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_80  gemm<f16,fwd,mf4,nf4,1x4,st4>    168 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_80  gemm<f16,fwd,mf1,nf8,1x4,st4>    140 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_80  gemm<f16,bwd,mf4,nf4,2x2,st4>    238 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_80  gemm<f16,bwd,mf4,nf4,1x4,st4>    214 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_80  gemm<f16,bwd,mf1,nf8,1x4,st4>    154 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_80  gemm<bf16,fwd,mf4,nf4,2x2,st4>   168 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_80  gemm<bf16,fwd,mf4,nf4,1x4,st4>   168 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_80  gemm<bf16,fwd,mf1,nf8,1x4,st4>   140 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_80  gemm<bf16,bwd,mf4,nf4,2x2,st4>   238 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_80  gemm<bf16,bwd,mf4,nf4,1x4,st4>   214 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_80  gemm<bf16,bwd,mf1,nf8,1x4,st4>   154 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_90  gemm<f16,fwd,mf4,nf4,2x2,st4>    168 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_90  gemm<f16,fwd,mf4,nf4,1x4,st4>    168 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_90  gemm<f16,fwd,mf1,nf8,1x4,st4>    155 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_90  gemm<f16,bwd,mf4,nf4,2x2,st4>    193 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_90  gemm<f16,bwd,mf4,nf4,1x4,st4>    164 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_90  gemm<f16,bwd,mf1,nf8,1x4,st4>    161 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_90  gemm<bf16,fwd,mf4,nf4,2x2,st4>   168 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_90  gemm<bf16,fwd,mf4,nf4,1x4,st4>   168 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_90  gemm<bf16,fwd,mf1,nf8,1x4,st4>   155 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
+//   sm_90  gemm<bf16,bwd,mf4,nf4,2x2,st4>   193 regs  stack  0 B  spills 0/0 B  94.0 KB dyn smem
+//   sm_90  gemm<bf16,bwd,mf4,nf4,1x4,st4>   164 regs  stack  0 B  spills 0/0 B  68.0 KB dyn smem
+//   sm_90  gemm<bf16,bwd,mf1,nf8,1x4,st4>   161 regs  stack  0 B  spills 0/0 B  66.0 KB dyn smem
