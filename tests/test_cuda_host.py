@@ -3,13 +3,12 @@ nf4lora._C_cuda module): the dispatcher and its grids, the per-thread helpers of
 csrc/cuda/nf4_frag.h (NF4 decode, 16-bit packing, mma.m16n8k16 fragment maps, the reduction and
 column permutations), the epilogue, and a lane-by-lane CPU emulation of the tensor-core GEMM that
 runs the kernel's own fragment functions and is checked against an fp64 reference GEMM."""
-import math
-
 import pytest
 import torch
 
 import nf4lora as nl
 from nf4lora.backends import default
+from nf4lora.nf4_format import NF4_CODE
 
 _C_cuda = pytest.importorskip("nf4lora._C_cuda")
 if not hasattr(_C_cuda, "plan_linear_host"):
@@ -132,8 +131,6 @@ def test_gemm_cfgs_fit_shared_memory_and_shapes():
 def test_decode8_matches_code_table():
     g = torch.Generator().manual_seed(0)
     words = torch.randint(0, 2**32, (200,), generator=g, dtype=torch.int64).tolist() + [0, 2**32 - 1]
-    code = nl.nf4_format.NF4_CODE.tolist() if hasattr(nl, "nf4_format") else None
-    from nf4lora.nf4_format import NF4_CODE
     code = NF4_CODE.tolist()
     for w in words:
         b = w.to_bytes(4, "little")
