@@ -20,4 +20,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("compiled_archs", [] { return std::string(NF4LORA_CUDA_ARCHS); });
   nf4lora::register_cuda_quantize(m);
   nf4lora::register_cuda_optim(m);
+  nf4lora::register_cuda_linear(m);
 }

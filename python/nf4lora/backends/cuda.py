@@ -68,3 +68,154 @@ def _register():
 
 
 _register()
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear ops (see _ops.py): nf4lora._C_cuda's fused NF4 linear. The launcher picks GEMV / tensor-
+# core GEMM / SIMT fallback (csrc/cuda/linear_plan.h); Python allocates outputs and the split-K
+# workspace. float64 (and anything else the kernels do not take) goes to the pure-torch default.
+from .state import check_linear_args  # noqa: E402
+
+
+def _w_args(packed, absmax, absmax2, code8, offset, blocksize):
+    nested = absmax2 is not None
+    return (packed.data_ptr(), 0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
+            addr(absmax2), addr(code8), float(offset), int(blocksize))
+
+
+def _aligned(*tensors):
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _workspace(M, N, K, bwd, x, out, packed):
+    plan = _C_cuda.linear_plan(M, N, K, bwd, DTYPE_CODE[x.dtype], _aligned(x, out, packed))
+    n = plan["ws_floats"]
+    ws = torch.empty((n,), dtype=torch.float32, device=x.device) if n else None
+    return ws, n
+
+
+def _seed_int(dropout_p, seed):
+    return int(seed) if dropout_p > 0.0 else 0
+
+
+def _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, N, bias, u, lora_B, scaling):
+    M, K = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    ws, n = _workspace(M, N, K, False, x, y, packed)
+    r = 0 if u is None else u.shape[1]
+    _C_cuda.nf4_linear_fwd(x.data_ptr(), DTYPE_CODE[x.dtype], M,
+                           *_w_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
+                           addr(bias), addr(u), addr(lora_B), r, float(scaling), y.data_ptr(),
+                           addr(ws), n, _stream(x))
+    return y
+
+
+def _bwd(dy, packed, absmax, absmax2, code8, offset, blocksize, K, g, lora_A, scaling, dropout_p,
+         seed):
+    M, N = dy.shape
+    dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    ws, n = _workspace(M, N, K, True, dy, dx, packed)
+    r = 0 if g is None else g.shape[1]
+    _C_cuda.nf4_linear_bwd(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
+                           *_w_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
+                           addr(g), addr(lora_A), r, float(scaling), float(dropout_p),
+                           _seed_int(dropout_p, seed), dx.data_ptr(), addr(ws), n, _stream(dy))
+    return dx
+
+
+def nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, bias):
+    if x.dtype not in DTYPE_CODE:
+        return default.nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize,
+                                  out_features, bias)
+    K = x.shape[1] if x.dim() == 2 else -1
+    check_linear_args(x, "x", K, packed, absmax, absmax2, code8, blocksize, out_features, bias=bias)
+    if x.shape[0] == 0:
+        return default.nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize,
+                                  out_features, bias)
+    with torch.cuda.device(x.device):
+        return _fwd(x.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, out_features,
+                    None if bias is None else bias.contiguous(), None, None, 0.0)
+
+
+def nf4_linear_t(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features):
+    if dy.dtype not in DTYPE_CODE or dy.dim() != 2 or dy.shape[0] == 0:
+        return default.nf4_linear_t(dy, packed, absmax, absmax2, code8, offset, blocksize,
+                                    in_features)
+    check_linear_args(dy, "dy", in_features, packed, absmax, absmax2, code8, blocksize, dy.shape[1])
+    with torch.cuda.device(dy.device):
+        return _bwd(dy.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, in_features,
+                    None, None, 0.0, 0.0, None)
+
+
+def qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, lora_A, lora_B,
+              scaling, bias, dropout_p, seed):
+    if x.dtype not in DTYPE_CODE or x.dim() != 2 or x.shape[0] == 0:
+        return default.qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
+                                 lora_A, lora_B, scaling, bias, dropout_p, seed)
+    M, K = x.shape
+    check_linear_args(x, "x", K, packed, absmax, absmax2, code8, blocksize, out_features,
+                      lora_A=lora_A, lora_B=lora_B, bias=bias, dropout_p=dropout_p, seed=seed)
+    x = x.contiguous()
+    lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
+    r = lora_A.shape[0]
+    with torch.cuda.device(x.device):
+        u = torch.empty((M, r), dtype=torch.float32, device=x.device)
+        if r > 0:
+            _C_cuda.lora_u(x.data_ptr(), DTYPE_CODE[x.dtype], M, K, lora_A.data_ptr(), r,
+                           float(dropout_p), _seed_int(dropout_p, seed), u.data_ptr(), _stream(x))
+        y = _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
+                 None if bias is None else bias.contiguous(), u if r > 0 else None,
+                 lora_B if r > 0 else None, scaling)
+    return y, u
+
+
+def qlora_bwd_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features, g, lora_A,
+                 scaling, dropout_p, seed):
+    if dy.dtype not in DTYPE_CODE or dy.dim() != 2 or dy.shape[0] == 0:
+        return default.qlora_bwd_dx(dy, packed, absmax, absmax2, code8, offset, blocksize,
+                                    in_features, g, lora_A, scaling, dropout_p, seed)
+    check_linear_args(dy, "dy", in_features, packed, absmax, absmax2, code8, blocksize, dy.shape[1],
+                      lora_A=lora_A, g=g, dropout_p=dropout_p, seed=seed)
+    r = lora_A.shape[0]
+    if tuple(g.shape) != (dy.shape[0], r):
+        raise ValueError(f"g must have shape {(dy.shape[0], r)}, got {tuple(g.shape)}")
+    with torch.cuda.device(dy.device):
+        return _bwd(dy.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, in_features,
+                    g.contiguous() if r > 0 else None, lora_A.contiguous() if r > 0 else None,
+                    scaling, dropout_p, seed)
+
+
+def lora_grad_a(g, x, scaling, dropout_p, seed):
+    if x.dtype not in DTYPE_CODE or x.dim() != 2 or g.dim() != 2 or x.shape[0] == 0 \
+            or g.shape[1] == 0:
+        return default.lora_grad_a(g, x, scaling, dropout_p, seed)
+    M, K = x.shape
+    r = g.shape[1]
+    if g.shape[0] != M or g.dtype != torch.float32 or g.device != x.device:
+        raise ValueError(f"g must be float32 [{M}, r] on {x.device}, got {g.dtype} "
+                         f"{tuple(g.shape)} on {g.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("seed is required when dropout_p > 0")
+    x, g = x.contiguous(), g.contiguous()
+    with torch.cuda.device(x.device):
+        da = torch.empty((r, K), dtype=torch.float32, device=x.device)
+        n = _C_cuda.lora_grad_a_ws_floats(M, K, r)
+        ws = torch.empty((n,), dtype=torch.float32, device=x.device) if n else None
+        _C_cuda.lora_grad_a(g.data_ptr(), x.data_ptr(), DTYPE_CODE[x.dtype], M, K, r,
+                            float(scaling), float(dropout_p), _seed_int(dropout_p, seed),
+                            da.data_ptr(), addr(ws), _stream(x))
+    return da
+
+
+def _register_linear():
+    if _C_cuda is None:
+        return
+    for name, fn in (("nf4_linear", nf4_linear), ("nf4_linear_t", nf4_linear_t),
+                     ("qlora_fwd", qlora_fwd), ("qlora_bwd_dx", qlora_bwd_dx),
+                     ("lora_grad_a", lora_grad_a)):
+        torch.library.register_kernel(OP + name, "cuda", fn)
+
+
+_register_linear()
