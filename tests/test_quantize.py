@@ -612,3 +612,16 @@ def test_float64_op_uses_default_backend(gen):
     assert_bits_equal(a64, ref[1])
     with pytest.raises(ValueError, match="w must have dtype"):
         nl.quantize_nf4(w32.double(), 64)
+
+
+def test_decode_word_host_device_helper(gen):
+    """nf4_decode_word (nf4.h, the CUDA dequantize kernel's per-thread step) on the host: 4 packed
+    bytes (little-endian word) -> 8 values, equal to the reference dequantization."""
+    packed = torch.randint(0, 256, (4 * 64,), generator=gen, dtype=torch.uint8)
+    scales = torch.rand(64, generator=gen) * 10
+    for k in range(64):
+        word = int.from_bytes(bytes(packed[4 * k:4 * k + 4].tolist()), "little")
+        got = torch.tensor(_C.nf4_decode_word(word, float(scales[k])), dtype=torch.float32)
+        ref = default_be.dequantize_nf4(packed[4 * k:4 * k + 4].contiguous(), scales[k:k + 1].clone(),
+                                        None, None, 0.0, 32, [8], torch.float32)
+        assert_bits_equal(got, ref, f"word {k}")
