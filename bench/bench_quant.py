@@ -6,8 +6,9 @@ bf16 in and out, blocksize 64, double quantization on (QLoRA's setting).
 
 Each cell is the median of repeats after warm-up, ours and bitsandbytes measured side by side in
 one run; GB/s counts the bytes a call must move (dequantize: packed + scales in, bf16 out;
-quantize: bf16 in, packed + scales out). Both libraries allocate their outputs per call, as users
-see them; fresh multi-MB outputs cost page faults, which are part of the measured time.
+quantize: bf16 in, packed + scales out). "dequantize" allocates the output per call, as users see
+it: a fresh multi-MB buffer costs page faults (the OS zero-fills it), which are part of the time.
+"dequantize into out=" writes into one preallocated buffer: the kernels alone.
 """
 import argparse
 import os
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import fmt_time, gbps, machine_info, print_table, save_plot, time_fn  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
+from nf4lora._native import DTYPE_CODE, _C, addr  # noqa: E402
 
 
 def main():
@@ -27,7 +29,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--blocksize", type=int, default=64)
     ap.add_argument("--no-double-quant", action="store_true")
-    ap.add_argument("--plot", default="bench/bench_quant.png", help="PNG path ('' to skip)")
+    ap.add_argument("--plot", default="bench/results/bench_quant.png", help="PNG path ('' to skip)")
     args = ap.parse_args()
 
     try:
@@ -66,17 +68,38 @@ def main():
         t_ours_d = time_fn(lambda: nl.dequantize_nf4(qs_[cur[0] % len(qs_)]), reps, 2, rot(qs_))
         t_ours_q = time_fn(lambda: nl.quantize_nf4(ws[cur[0] % len(ws)], bs, double_quant=dq), reps, 1,
                            rot(ws))
-        t_bnb_d = t_bnb_q = None
+        # the kernel alone, into a preallocated output (what a consumer that reuses its buffer sees;
+        # no page faults): ours through the raw _C launcher, bnb through dequantize_4bit(out=) where
+        # it has one
+        out = torch.empty(n_out, k_in, dtype=torch.bfloat16)
+        out.zero_()
+
+        def ours_into():
+            qq = qs_[cur[0] % len(qs_)]
+            nested = qq.double_quant
+            _C.nf4_dequantize(qq.packed.data_ptr(), 0 if nested else qq.absmax.data_ptr(),
+                              qq.absmax.data_ptr() if nested else 0, addr(qq.absmax2),
+                              addr(qq.code8), qq.offset, n, bs, out.data_ptr(),
+                              DTYPE_CODE[torch.bfloat16], "fast")
+        t_ours_d2 = time_fn(ours_into, reps, 2, rot(qs_))
+        t_bnb_d = t_bnb_q = t_bnb_d2 = None
         if F is not None:
             states = [F.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq)
                       for w in ws]
             t_bnb_d = time_fn(lambda: F.dequantize_4bit(*states[cur[0] % len(states)]), reps, 1,
                               rot(states))
+            try:  # bnb 0.50 has no CPU kernel for dequantize_4bit.out
+                t_bnb_d2 = time_fn(lambda: F.dequantize_4bit(*states[cur[0] % len(states)], out=out),
+                                   reps, 1, rot(states))
+            except NotImplementedError:
+                t_bnb_d2 = None
             del states
             t_bnb_q = time_fn(lambda: F.quantize_4bit(ws[cur[0] % len(ws)], blocksize=bs,
                                                       quant_type="nf4", compress_statistics=dq),
                               bnb_q_reps, 1, rot(ws))
+        del out
         for op, t_o, t_b, io in (("dequantize", t_ours_d, t_bnb_d, io_deq),
+                                 ("dequantize into out=", t_ours_d2, t_bnb_d2, io_deq),
                                  ("quantize", t_ours_q, t_bnb_q, io_q)):
             ratio = f"{t_b / t_o:.1f}x" if t_b else "-"
             rows.append([shape_s, op, fmt_time(t_o), fmt_time(t_b) if t_b else "-", ratio,

@@ -101,6 +101,7 @@ def save_plot(path, labels, series, ylabel="", title="", logy=False):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(series)), 4))
     width = 0.8 / max(1, len(series))
     for k, (name, values) in enumerate(series.items()):

@@ -46,6 +46,7 @@ Status nf4_quantize_cpu(const void* w, DType dtype, int64_t n, int64_t blocksize
   const int64_t chunk = kChunkElems / blocksize > 0 ? kChunkElems / blocksize : 1;
   const bool fast = use_avx2();
   bool nonfinite = false;
+  hint_huge_pages(packed, packed_bytes(n));
   const int64_t nchunks = ceil_div(full, chunk);
   // NOTE: no parallel region for a single chunk: waking the team costs more than small tensors take,
   // and far more when the cores are shared.
