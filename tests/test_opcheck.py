@@ -57,3 +57,14 @@ def test_every_quantize_op_is_covered():
     from nf4lora import _ops
     quant_ops = {name for name in getattr(_ops, "_SCHEMAS", {}) if "quant" in name}
     assert quant_ops <= covered, f"ops without opcheck: {sorted(quant_ops - covered)}"
+
+
+def test_compile_fullgraph_quantize_and_dequantize(gen):
+    """torch.compile(fullgraph=True) sees through the ops (fakes give shapes; no graph break)."""
+    w = torch.randn(64, 96, generator=gen)
+    q = nf4lora.quantize_nf4(w, 64, double_quant=True)
+    deq = torch.compile(lambda q: nf4lora.dequantize_nf4(q) * 2, fullgraph=True)
+    assert torch.equal(deq(q), nf4lora.dequantize_nf4(q) * 2)
+    quant = torch.compile(lambda w: ops.quantize_nf4(w, 64), fullgraph=True)
+    p, a = quant(w)
+    assert torch.equal(p, q.packed)
