@@ -100,8 +100,11 @@ def check_all_impls(w, bs):
     offset = float(absmax.mean())
     q8, absmax2 = cpu_be.quantize_absmax(absmax, offset, DYNAMIC_SIGNED)
     q8d, absmax2d = default_be.quantize_absmax(absmax, offset, DYNAMIC_SIGNED)
-    assert_bits_equal(q8, q8d, "double-quant codes ref vs default")
-    assert_bits_equal(absmax2, absmax2d, "absmax2 ref vs default")
+    q8r, absmax2r = cpu_be.quantize_absmax(absmax, offset, DYNAMIC_SIGNED, impl="ref")
+    assert_bits_equal(q8, q8d, "double-quant codes fast vs default")
+    assert_bits_equal(absmax2, absmax2d, "absmax2 fast vs default")
+    assert_bits_equal(q8r, q8d, "double-quant codes ref vs default")
+    assert_bits_equal(absmax2r, absmax2d, "absmax2 ref vs default")
     states = [(packed, absmax, None, None, 0.0), (packed, q8, absmax2, DYNAMIC_SIGNED, offset)]
     for state in states:
         for dt in DTYPES:
@@ -451,9 +454,10 @@ def test_code8_encode_is_exact_nearest(gen):
     xs = torch.cat([xs, torch.zeros(pad)]).view(-1, 256)
     xs[:, 0] = 1.0
     xs = xs.reshape(-1)
-    q_ref, a2 = cpu_be.quantize_absmax(xs, 0.0, code8)
+    q_ref, a2 = cpu_be.quantize_absmax(xs, 0.0, code8, impl="ref")
     assert bool((a2 == 1.0).all())
     assert_bits_equal(q_ref, default_be.code8_encode(xs, code8), "csrc/ref vs default code8_encode")
+    assert_bits_equal(cpu_be.quantize_absmax(xs, 0.0, code8)[0], q_ref, "OpenMP vs csrc/ref")
     assert exact_nearest_ok(xs, q_ref, code8)
 
 

@@ -131,16 +131,14 @@ NF4LORA_HD uint8_t code8_encode(const float* code, float x) {
   int pivot = 127, upper_pivot = 255, lower_pivot = 0;
   float lower = -1.0f, upper = 1.0f;
   float val = code[pivot];
+  // Branch-free form of the search (selects, not jumps: the path depends on the data).
   for (int i = 64; i > 0; i >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += i;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= i;
-    }
+    const bool gt = x > val;
+    lower_pivot = gt ? pivot : lower_pivot;
+    lower = gt ? val : lower;
+    upper_pivot = gt ? upper_pivot : pivot;
+    upper = gt ? upper : val;
+    pivot = gt ? pivot + i : pivot - i;
     val = code[pivot];
   }
   if (upper_pivot == 255) upper = code[upper_pivot];

@@ -33,14 +33,14 @@ def quantize_nf4(w, blocksize, impl="fast"):
     return packed, absmax
 
 
-def quantize_absmax(absmax, offset, code8):
+def quantize_absmax(absmax, offset, code8, impl="fast"):
     check_quantize_absmax_args(absmax, offset, code8)
     nb = absmax.numel()
     q = torch.empty((nb,), dtype=torch.uint8)
     absmax2 = torch.empty((-(-nb // 256),), dtype=torch.float32)
     try:
         _C.absmax_quantize(absmax.data_ptr(), nb, offset, code8.data_ptr(), q.data_ptr(),
-                           absmax2.data_ptr())
+                           absmax2.data_ptr(), impl)
     except ValueError as e:
         if "NaN or Inf" in str(e):
             raise ValueError("absmax contains NaN or Inf") from None
