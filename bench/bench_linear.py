@@ -125,7 +125,7 @@ def main():
     ms = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
     budget = 3.0 if args.quick else 20.0
     dram, peak = common.dram_read_gbps(), common.fma_peak_gflops()
-    print(common.machine_line())
+    print(common.machine_info())
     print(f"ceilings measured now: DRAM read {dram:.1f} GB/s, fp32 FMA peak {peak:.0f} GFLOP/s")
 
     fwd_rows = []
@@ -138,7 +138,7 @@ def main():
     fwd_headers = ["KxN", "M", "act", "path", "ours+LoRA ms", "ours ms", "GB/s", "GFLOP/s",
                    "dense fp32 ms", "dense bf16 ms", "bnb+PEFT ms", "x dense fp32", "x bnb+PEFT",
                    "% ceiling"]
-    common.print_table(fwd_headers, fwd_rows, "Forward (r=16 LoRA fused in 'ours+LoRA'; 'ours' = "
+    fwd_md = common.print_table([[common.fmt(v) for v in r] for r in fwd_rows], fwd_headers, "Forward (r=16 LoRA fused in 'ours+LoRA'; 'ours' = "
                        "nf4_linear; GB/s of packed NF4 bytes incl. scales; % ceiling = of DRAM GB/s "
                        "for M<=16, of FMA peak otherwise)")
 
@@ -152,13 +152,13 @@ def main():
                 print("  ", train_rows[-1], flush=True)
     train_headers = ["KxN", "M", "act", "ours ms", "GFLOP/s", "dense fp32 ms", "x dense fp32",
                      "bnb+PEFT ms", "x bnb+PEFT"]
-    common.print_table(train_headers, train_rows, "Forward + backward (dx, dA, dB), r=16")
+    train_md = common.print_table([[common.fmt(v) for v in r] for r in train_rows], train_headers,
+                                  "Forward + backward (dx, dA, dB), r=16")
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "linear.md"), "w") as f:
-        f.write(f"{common.machine_line()}; DRAM read {dram:.1f} GB/s, FMA peak {peak:.0f} GFLOP/s\n\n")
-        f.write(common.markdown_table(fwd_headers, fwd_rows) + "\n\n")
-        f.write(common.markdown_table(train_headers, train_rows) + "\n")
+        f.write(f"{common.machine_info()}; DRAM read {dram:.1f} GB/s, FMA peak {peak:.0f} GFLOP/s\n\n")
+        f.write(fwd_md + "\n\n" + train_md + "\n")
     series = {}
     for row in fwd_rows:
         if row[2] == "float32":
@@ -168,8 +168,8 @@ def main():
             series.setdefault(f"dense fp32 {row[0]}", ([], []))
             series[f"dense fp32 {row[0]}"][0].append(row[1])
             series[f"dense fp32 {row[0]}"][1].append(2 * row[1] * int(row[0].split('x')[0]) * int(row[0].split('x')[1]) / row[8] / 1e6)
-    common.save_plot(os.path.join(args.out, "linear.png"), "CPU forward, fp32 activations", series,
-                     "M (tokens)", "GFLOP/s")
+    common.save_line_plot(os.path.join(args.out, "linear.png"), series, "M (tokens)", "GFLOP/s",
+                          "CPU forward, fp32 activations")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,58 @@
-"""Shared benchmark helpers: timing (warm-up + median of repeats), machine ceilings, tables, plots.
+"""Timing and reporting helpers shared by the benchmarks in bench/ (not tests).
 
-Benchmarks are not tests: run them alone on an idle machine (other load on these 2 cores skews
-every number). Ratios are measured side by side in one run.
+    t = time_fn(fn, repeats=10, warmup=2)        # median seconds of fn() (CUDA-synchronized)
+    print_table(rows, headers)                    # aligned text table (also valid Markdown)
+    save_plot(path, labels, series, ...)          # optional PNG bar chart (needs matplotlib)
+    save_line_plot(path, {name: (xs, ys)}, ...)   # optional PNG line plot
+    dram_read_gbps(), fma_peak_gflops()           # this machine's ceilings, measured now
 """
+from __future__ import annotations
+
 import os
+import platform
 import statistics
 import time
 
 import torch
 
 
-def time_fn(fn, repeats=5, warmup=1, budget_s=None):
-    """Median wall time of fn() in seconds over `repeats` runs after `warmup` runs. With budget_s,
-    stop repeating once that much time is spent (at least one timed run)."""
+def _sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, repeats=10, warmup=2, setup=None, budget_s=None):
+    """Median wall time of fn() in seconds, after `warmup` untimed calls. `setup()` (untimed) runs
+    before every call, e.g. to rotate inputs so caches do not flatter. CUDA work is synchronized.
+    With budget_s, repeating stops once that much time is spent (at least one timed call)."""
+    samples = time_samples(fn, repeats, warmup, setup, budget_s)
+    return statistics.median(samples)
+
+
+def time_samples(fn, repeats=10, warmup=2, setup=None, budget_s=None):
+    """Every timed sample (seconds), for callers that want min/median/spread."""
     for _ in range(warmup):
+        if setup:
+            setup()
         fn()
-    times = []
+    _sync()
+    out = []
     start = time.perf_counter()
     for _ in range(repeats):
+        if setup:
+            setup()
+        _sync()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
+        _sync()
+        out.append(time.perf_counter() - t0)
         if budget_s is not None and time.perf_counter() - start > budget_s:
             break
-    return statistics.median(times)
+    return out
 
 
 class Rotating:
-    """Cycle through copies of an input so repeated calls do not find it in cache."""
+    """Cycle through copies of an input so consecutive calls do not find it in cache."""
 
     def __init__(self, items):
         self.items, self.i = list(items), 0
@@ -39,36 +64,19 @@ class Rotating:
 
 
 def dram_read_gbps(nbytes=1 << 30, repeats=3):
-    """Sustained read bandwidth of all threads (torch sum over a large fp32 tensor)."""
+    """Sustained read bandwidth of all threads: torch's sum over a large fp32 tensor."""
     x = torch.ones(nbytes // 4)
-    t = time_fn(lambda: x.sum(), repeats=repeats)
-    return nbytes / t / 1e9
+    return nbytes / time_fn(lambda: x.sum(), repeats=repeats, warmup=1) / 1e9
 
 
 def fma_peak_gflops():
+    """Sustained fp32 FMA GFLOP/s of all threads (nf4lora._C's register-FMA probe; AVX2 only)."""
     from nf4lora import _C
     return _C.fma_peak_gflops(100_000_000) if _C.has_avx2() else float("nan")
 
 
-def print_table(headers, rows, title=None):
-    cols = [[str(h)] + [_fmt(r[i]) for r in rows] for i, h in enumerate(headers)]
-    widths = [max(len(c) for c in col) for col in cols]
-    if title:
-        print(f"\n{title}")
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
-    print(line)
-    print("-" * len(line))
-    for r in rows:
-        print("  ".join(_fmt(v).ljust(w) for v, w in zip(r, widths)))
-
-
-def markdown_table(headers, rows):
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def _fmt(v):
+def fmt(v):
+    """Numbers for tables: 3 significant digits, '-' for NaN (not measured)."""
     if isinstance(v, float):
         if v != v:
             return "-"
@@ -76,17 +84,65 @@ def _fmt(v):
     return str(v)
 
 
-def save_plot(path, title, series, xlabel, ylabel, logx=True):
-    """series: {label: (xs, ys)}. Silently skipped when matplotlib is missing."""
+def fmt_time(seconds):
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
+def gbps(nbytes, seconds):
+    return nbytes / seconds / 1e9
+
+
+def print_table(rows, headers, title=None, file=None):
+    """Print rows (sequences of values; str() each) under headers, columns aligned. Returns the
+    table as a string (also usable as a Markdown table: columns are '|'-separated)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+
+    text = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    text += [line(r) for r in cells[1:]]
+    out = ("\n".join([title, ""] if title else []) + "\n".join(text))
+    print(out, file=file, flush=True)
+    return out
+
+
+def machine_info():
+    """One line describing where the numbers came from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    cpu = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = ""
+    if hasattr(os, "getloadavg"):
+        load = " load avg %.1f/%.1f/%.1f" % os.getloadavg()
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads){gpu};{load}")
+
+
+def save_line_plot(path, series, xlabel, ylabel, title="", logx=True):
+    """Line plot, series = {name: (xs, ys)}. Returns the path, or None without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
@@ -95,12 +151,34 @@ def save_plot(path, title, series, xlabel, ylabel, logx=True):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def machine_line():
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"nf4lora threads {__import__('nf4lora')._C.num_threads()}")
+def save_plot(path, labels, series, ylabel="", title="", logy=False):
+    """Grouped bar chart: labels on x, one bar per series ({name: [value per label]}). Returns the
+    path, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(series)), 4))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, values, width, label=name)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logy:
+        ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

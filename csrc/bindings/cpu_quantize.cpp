@@ -67,21 +67,35 @@ void register_cpu_quantize(py::module_& m) {
       py::arg("code8"), py::arg("offset"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
       py::arg("dtype"), py::arg("impl") = "fast");
 
+  // The per-thread NF4 word decode the CUDA kernel runs (nf4.h, __host__ __device__), exposed so
+  // the tests check it on machines without a GPU.
+  m.def(
+      "nf4_decode_word",
+      [](uint32_t word, float scale) {
+        float v[8];
+        nf4_decode_word(word, kNF4, scale, v);
+        py::list out;
+        for (float x : v) out.append(x);
+        return out;
+      },
+      py::arg("word"), py::arg("scale"));
+
   m.def(
       "absmax_quantize",
       [](uintptr_t absmax, int64_t nblocks, float offset, uintptr_t code8, uintptr_t qabsmax,
-         uintptr_t absmax2) {
+         uintptr_t absmax2, const std::string& impl) {
+        const bool ref = use_ref(impl);
         Status s;
         {
           py::gil_scoped_release nogil;
-          s = absmax_quantize_ref(ptr<const float>(absmax), nblocks, offset,
-                                  ptr<const float>(code8), ptr<uint8_t>(qabsmax),
-                                  ptr<float>(absmax2));
+          s = (ref ? absmax_quantize_ref : absmax_quantize_cpu)(
+              ptr<const float>(absmax), nblocks, offset, ptr<const float>(code8),
+              ptr<uint8_t>(qabsmax), ptr<float>(absmax2));
         }
         check(s, "absmax_quantize");
       },
       py::arg("absmax"), py::arg("nblocks"), py::arg("offset"), py::arg("code8"),
-      py::arg("qabsmax"), py::arg("absmax2"));
+      py::arg("qabsmax"), py::arg("absmax2"), py::arg("impl") = "fast");
 
   m.def(
       "absmax_dequantize",

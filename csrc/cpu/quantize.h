@@ -10,6 +10,9 @@ Status nf4_quantize_cpu(const void* w, DType dtype, int64_t n, int64_t blocksize
                         float* absmax);
 Status nf4_dequantize_cpu(const uint8_t* packed, const NF4Scales& scales, int64_t n,
                           int64_t blocksize, void* out, DType dtype);
+// Double quantization of absmax (csrc/ref rules), OpenMP over groups of 256 blocks.
+Status absmax_quantize_cpu(const float* absmax, int64_t nblocks, float offset, const float* code8,
+                           uint8_t* qabsmax, float* absmax2);
 
 // AVX2 block kernels (csrc/cpu/quantize_avx2.cpp). Full blocks only: [b0, b1) must not include a
 // partial last block.

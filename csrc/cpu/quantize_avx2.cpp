@@ -1,7 +1,8 @@
 // AVX2 NF4 quantize/dequantize over full blocks (blocksize is a power of two >= 32, so a block is a
 // whole number of 32-element groups and starts on a byte boundary).
 //   quantize:   32 values -> 4 x (15 compares against the midpoints) -> 32 codes -> 16 bytes
-//   dequantize: 4 bytes -> 8 codes -> vpermps table lookup -> * absmax -> fp32/fp16/bf16
+//   dequantize: per block a 16-entry table of code * absmax in the output type, then 16 bytes ->
+//               32 codes -> table lookup (vpshufb on byte planes for 16-bit, vpermps for fp32)
 #include <cmath>
 
 #include "cpu/quantize.h"
@@ -66,16 +67,108 @@ void nf4_quantize_blocks_avx2(const void* w, DType dtype, int64_t blocksize, int
   if (bad) *nonfinite = true;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dequantize. Every output element is round(code_value[c] * absmax[b]) for one of 16 codes, so per
+// block we compute the 16 products once (float32, exactly as the scalar rule: one multiply, then
+// RNE to the output type) and the body of the block is a pure 16-entry table lookup:
+//   16-bit outputs (bf16, fp16): the table is split into a low-byte and a high-byte plane of 16
+//     bytes each; vpshufb looks up 32 codes per plane at once, unpack interleaves the bytes.
+//   fp32: the 16 products as two 8-lane halves, vpermps + blend by code bit 3.
+// Codes of 16 packed bytes (32 elements): high nibble = even element, low nibble = odd element.
+
+namespace {
+
+// 16 packed bytes -> 32 codes as bytes, in element order: lane 0 = elements 0..15, lane 1 = 16..31.
+inline __m256i codes32(const uint8_t* p) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i nib = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+  const __m128i lo = _mm_and_si128(b, nib);
+  return _mm256_setr_m128i(_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo));
+}
+
+// Per-block 16-bit table (bf16 or fp16 bits of code_value * scale) as byte planes, both lanes.
+struct Table16 {
+  __m256i lo, hi;
+};
+
+template <DType D>
+inline Table16 make_table16(float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m256 v0 = _mm256_mul_ps(_mm256_loadu_ps(kNF4), s);
+  const __m256 v1 = _mm256_mul_ps(_mm256_loadu_ps(kNF4 + 8), s);
+  __m128i h0, h1;  // 8 x u16 each: codes 0..7, 8..15
+  if constexpr (D == DType::kBF16) {
+    h0 = avx2::f32_to_bf16_8(v0);
+    h1 = avx2::f32_to_bf16_8(v1);
+  } else {
+    h0 = _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    h1 = _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // bytes of each u16 -> [8 low bytes | 8 high bytes]
+  const __m128i split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  const __m128i s0 = _mm_shuffle_epi8(h0, split), s1 = _mm_shuffle_epi8(h1, split);
+  return {_mm256_broadcastsi128_si256(_mm_unpacklo_epi64(s0, s1)),
+          _mm256_broadcastsi128_si256(_mm_unpackhi_epi64(s0, s1))};
+}
+
+// 32 codes -> 32 x u16 at out (64 bytes).
+inline void lookup_store16(const Table16& t, __m256i c, uint16_t* out) {
+  const __m256i l = _mm256_shuffle_epi8(t.lo, c);
+  const __m256i h = _mm256_shuffle_epi8(t.hi, c);
+  const __m256i a = _mm256_unpacklo_epi8(l, h);  // lane 0: elements 0..7,  lane 1: 16..23
+  const __m256i b = _mm256_unpackhi_epi8(l, h);  // lane 0: elements 8..15, lane 1: 24..31
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_permute2x128_si256(a, b, 0x20));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+template <DType D>
+void dequantize16(const uint8_t* packed, const NF4Scales& scales, int64_t blocksize, int64_t b0,
+                  int64_t b1, uint16_t* out) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const Table16 t = make_table16<D>(scales.block(b));
+    const int64_t begin = b * blocksize, end = begin + blocksize;
+    for (int64_t i = begin; i < end; i += 32) lookup_store16(t, codes32(packed + i / 2), out + i);
+  }
+}
+
+void dequantize32(const uint8_t* packed, const NF4Scales& scales, int64_t blocksize, int64_t b0,
+                  int64_t b1, float* out) {
+  const __m256 c0 = _mm256_loadu_ps(kNF4), c1 = _mm256_loadu_ps(kNF4 + 8);
+  for (int64_t b = b0; b < b1; ++b) {
+    const __m256 s = _mm256_set1_ps(scales.block(b));
+    const __m256 t0 = _mm256_mul_ps(c0, s), t1 = _mm256_mul_ps(c1, s);  // the 16 products
+    const int64_t begin = b * blocksize, end = begin + blocksize;
+    for (int64_t i = begin; i < end; i += 32) {
+      const __m256i c = codes32(packed + i / 2);
+      const __m128i q[2] = {_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1)};
+      for (int h = 0; h < 2; ++h) {
+        for (int k = 0; k < 2; ++k) {
+          const __m256i idx = _mm256_cvtepu8_epi32(k ? _mm_srli_si128(q[h], 8) : q[h]);
+          const __m256 a = _mm256_permutevar8x32_ps(t0, idx);
+          const __m256 bb = _mm256_permutevar8x32_ps(t1, idx);
+          const __m256 v = _mm256_blendv_ps(a, bb, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+          _mm256_storeu_ps(out + i + 16 * h + 8 * k, v);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void nf4_dequantize_blocks_avx2(const uint8_t* packed, const NF4Scales& scales, int64_t blocksize,
                                 int64_t b0, int64_t b1, void* out, DType dtype) {
-  const avx2::NF4Table table;
-  for (int64_t b = b0; b < b1; ++b) {
-    const __m256 scale = _mm256_set1_ps(scales.block(b));
-    const int64_t begin = b * blocksize;
-    for (int64_t i = begin; i < begin + blocksize; i += 8) {
-      const __m256 v = _mm256_mul_ps(table.lookup(avx2::unpack8_codes(packed + i / 2)), scale);
-      avx2::store8(out, dtype, i, v);
-    }
+  switch (dtype) {
+    case DType::kF32:
+      dequantize32(packed, scales, blocksize, b0, b1, static_cast<float*>(out));
+      break;
+    case DType::kF16:
+      dequantize16<DType::kF16>(packed, scales, blocksize, b0, b1, static_cast<uint16_t*>(out));
+      break;
+    default:
+      dequantize16<DType::kBF16>(packed, scales, blocksize, b0, b1, static_cast<uint16_t*>(out));
+      break;
   }
 }
 

@@ -61,26 +61,35 @@ void nf4_dequantize_elems_ref(const uint8_t* packed, const NF4Scales& scales, in
   }
 }
 
-Status absmax_quantize_ref(const float* absmax, int64_t nblocks, float offset, const float* code8,
-                           uint8_t* qabsmax, float* absmax2) {
-  if (nblocks <= 0) return Status::kBadSize;
-  if (!absmax || !code8 || !qabsmax || !absmax2) return Status::kNullPointer;
-  for (int64_t g = 0; g < n_nested_blocks(nblocks); ++g) {
+void absmax_quantize_groups_ref(const float* absmax, int64_t nblocks, float offset,
+                                const float* code8, int64_t g0, int64_t g1, uint8_t* qabsmax,
+                                float* absmax2, bool* nonfinite) {
+  for (int64_t g = g0; g < g1; ++g) {
     const int64_t begin = g * kNestedBlocksize;
     const int64_t end = begin + kNestedBlocksize < nblocks ? begin + kNestedBlocksize : nblocks;
     float amax = 0.0f;
     for (int64_t i = begin; i < end; ++i) {
-      if (!std::isfinite(absmax[i])) return Status::kNonFinite;
+      if (!std::isfinite(absmax[i])) *nonfinite = true;
       const float a = std::fabs(absmax[i] - offset);
       amax = a > amax ? a : amax;
     }
     absmax2[g] = amax;
+    const float inv = amax > 0.0f ? 1.0f / amax : 0.0f;
     for (int64_t i = begin; i < end; ++i) {
-      qabsmax[i] = amax > 0.0f ? code8_encode(code8, (absmax[i] - offset) * (1.0f / amax))
+      qabsmax[i] = amax > 0.0f ? code8_encode(code8, (absmax[i] - offset) * inv)
                                : static_cast<uint8_t>(kDynamicSignedZero);
     }
   }
-  return Status::kOk;
+}
+
+Status absmax_quantize_ref(const float* absmax, int64_t nblocks, float offset, const float* code8,
+                           uint8_t* qabsmax, float* absmax2) {
+  if (nblocks <= 0) return Status::kBadSize;
+  if (!absmax || !code8 || !qabsmax || !absmax2) return Status::kNullPointer;
+  bool nonfinite = false;
+  absmax_quantize_groups_ref(absmax, nblocks, offset, code8, 0, n_nested_blocks(nblocks), qabsmax,
+                             absmax2, &nonfinite);
+  return nonfinite ? Status::kNonFinite : Status::kOk;
 }
 
 Status absmax_dequantize_ref(const uint8_t* qabsmax, const float* absmax2, const float* code8,

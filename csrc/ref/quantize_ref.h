@@ -33,6 +33,11 @@ Status nf4_dequantize_ref(const uint8_t* packed, const NF4Scales& scales, int64_
 Status absmax_quantize_ref(const float* absmax, int64_t nblocks, float offset, const float* code8,
                            uint8_t* qabsmax, float* absmax2);
 
+// Nested groups [g0, g1) of the above (shared by the OpenMP version); *nonfinite set on NaN/Inf.
+void absmax_quantize_groups_ref(const float* absmax, int64_t nblocks, float offset,
+                                const float* code8, int64_t g0, int64_t g1, uint8_t* qabsmax,
+                                float* absmax2, bool* nonfinite);
+
 // Inverse: absmax[b] = code8[qabsmax[b]] * absmax2[b/256] + offset.
 Status absmax_dequantize_ref(const uint8_t* qabsmax, const float* absmax2, const float* code8,
                              float offset, int64_t nblocks, float* absmax);

@@ -41,10 +41,12 @@ class NF4Tensor:
         check_blocksize(blocksize)
         if (absmax2 is None) != (code8 is None):
             raise ValueError("absmax2 and code8 must be given together (double quantization)")
+        if not isinstance(packed, torch.Tensor):
+            raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+            raise ValueError(f"offset must be a finite float, got {offset!r}")
         packed = packed.reshape(-1)
-        check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
-        if not math.isfinite(offset):
-            raise ValueError(f"offset must be finite, got {offset}")
+        check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
         self.packed, self.absmax, self.absmax2, self.code8 = packed, absmax, absmax2, code8
         self.offset = float(offset)
         self.shape, self.dtype, self.blocksize = shape, dtype, int(blocksize)
@@ -140,9 +142,13 @@ def _from_bnb_state_dict(cls, sd, prefix):
         if f"{prefix}.quant_state.bitsandbytes__fp4" in sd:
             raise ValueError(f"'{prefix}' is FP4-quantized; only NF4 is supported")
         raise KeyError(f"state dict is missing '{qs_key}'")
+    qs = sd[qs_key]
+    if not isinstance(qs, torch.Tensor) or qs.dtype != torch.uint8:
+        raise ValueError(f"'{qs_key}' must be a uint8 tensor of JSON bytes, got "
+                         f"{qs.dtype if isinstance(qs, torch.Tensor) else type(qs).__name__}")
     try:
-        meta = json.loads(bytes(sd[qs_key].cpu().to(torch.uint8).numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+        meta = json.loads(bytes(qs.detach().cpu().reshape(-1).numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"'{qs_key}' is not valid JSON quant-state bytes: {e}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"'{qs_key}' must hold a JSON object")
@@ -180,7 +186,9 @@ def _from_bnb_state_dict(cls, sd, prefix):
     if absmax.dim() != 1 or absmax.numel() != nb:
         raise ValueError(f"'{prefix}.absmax' must have {nb} elements (one per block), got "
                          f"{tuple(absmax.shape)}")
-    nested = f"{prefix}.nested_absmax" in sd
+    # Nested (double-quantized) if any nested key or field is present; then all of them must be.
+    nested = (f"{prefix}.nested_absmax" in sd or f"{prefix}.nested_quant_map" in sd
+              or any(k in meta for k in ("nested_blocksize", "nested_offset", "nested_dtype")))
     absmax2 = code8 = None
     offset = 0.0
     if nested:
@@ -201,8 +209,9 @@ def _from_bnb_state_dict(cls, sd, prefix):
         if code8.dtype != torch.float32 or code8.numel() != 256:
             raise ValueError(f"'{prefix}.nested_quant_map' must be float32 with 256 elements, got "
                              f"{code8.dtype} with {code8.numel()}")
-        if not bool(torch.isfinite(absmax2).all()) or not bool(torch.isfinite(code8).all()):
-            raise ValueError(f"'{prefix}.nested_absmax' / nested_quant_map contain NaN or Inf")
+        for key, t in ((f"{prefix}.nested_absmax", absmax2), (f"{prefix}.nested_quant_map", code8)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"'{key}' contains NaN or Inf")
         code8 = code8.reshape(-1).contiguous()
         absmax2 = absmax2.reshape(-1).contiguous()
     else:

@@ -100,6 +100,19 @@ NF4LORA_HD uint8_t nf4_pack(uint8_t even, uint8_t odd) {
 NF4LORA_HD uint8_t nf4_hi(uint8_t byte) { return byte >> 4; }
 NF4LORA_HD uint8_t nf4_lo(uint8_t byte) { return byte & 15; }
 
+// The NF4 decode of one little-endian 32-bit word of packed codes (bytes k = 0..3 hold elements
+// 2k (high nibble) and 2k+1 (low nibble)) into 8 values code_value * scale, float32. `table` is the
+// 16-entry code table (kNF4 on the host, a shared-memory copy on the device). One multiply per
+// value, no contraction possible: the same bits as the scalar reference.
+NF4LORA_HD void nf4_decode_word(uint32_t w, const float* table, float scale, float* v) {
+  NF4LORA_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t byte = (w >> (8 * k)) & 0xffu;
+    v[2 * k] = table[byte >> 4] * scale;
+    v[2 * k + 1] = table[byte & 15u] * scale;
+  }
+}
+
 // Double-quantized absmax: absmax = code8[q] * absmax2 + offset, two float32 roundings in that
 // order (bitsandbytes: dequantize_blockwise then "+ offset"). Never fuse into an FMA: the library
 // builds with -ffp-contract=off, and CUDA code uses __fmul_rn/__fadd_rn through this function.
@@ -118,16 +131,14 @@ NF4LORA_HD uint8_t code8_encode(const float* code, float x) {
   int pivot = 127, upper_pivot = 255, lower_pivot = 0;
   float lower = -1.0f, upper = 1.0f;
   float val = code[pivot];
+  // Branch-free form of the search (selects, not jumps: the path depends on the data).
   for (int i = 64; i > 0; i >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += i;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= i;
-    }
+    const bool gt = x > val;
+    lower_pivot = gt ? pivot : lower_pivot;
+    lower = gt ? val : lower;
+    upper_pivot = gt ? upper_pivot : pivot;
+    upper = gt ? upper : val;
+    pivot = gt ? pivot + i : pivot - i;
     val = code[pivot];
   }
   if (upper_pivot == 255) upper = code[upper_pivot];

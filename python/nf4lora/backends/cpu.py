@@ -9,12 +9,14 @@ import torch
 
 from .._native import DTYPE_CODE, _C, addr
 from . import default
-from .state import check_nf4_state
+from .state import (check_dequantize_absmax_args, check_nf4_state, check_out_dtype,
+                    check_quantize_absmax_args, check_quantize_args)
 
 OP = "nf4lora::"
 
 
 def quantize_nf4(w, blocksize, impl="fast"):
+    check_quantize_args(w, blocksize)
     if w.dtype not in DTYPE_CODE:
         return default.quantize_nf4(w, blocksize)
     w = w.contiguous()
@@ -31,15 +33,14 @@ def quantize_nf4(w, blocksize, impl="fast"):
     return packed, absmax
 
 
-def quantize_absmax(absmax, offset, code8):
-    absmax = absmax.contiguous().float()
+def quantize_absmax(absmax, offset, code8, impl="fast"):
+    check_quantize_absmax_args(absmax, offset, code8)
     nb = absmax.numel()
-    code8 = code8.contiguous()
     q = torch.empty((nb,), dtype=torch.uint8)
     absmax2 = torch.empty((-(-nb // 256),), dtype=torch.float32)
     try:
         _C.absmax_quantize(absmax.data_ptr(), nb, offset, code8.data_ptr(), q.data_ptr(),
-                           absmax2.data_ptr())
+                           absmax2.data_ptr(), impl)
     except ValueError as e:
         if "NaN or Inf" in str(e):
             raise ValueError("absmax contains NaN or Inf") from None
@@ -48,6 +49,7 @@ def quantize_absmax(absmax, offset, code8):
 
 
 def dequantize_absmax(qabsmax, absmax2, code8, offset):
+    check_dequantize_absmax_args(qabsmax, absmax2, code8, offset)
     out = torch.empty((qabsmax.numel(),), dtype=torch.float32)
     _C.absmax_dequantize(qabsmax.data_ptr(), absmax2.data_ptr(), code8.data_ptr(), offset,
                          qabsmax.numel(), out.data_ptr())
@@ -55,7 +57,8 @@ def dequantize_absmax(qabsmax, absmax2, code8, offset):
 
 
 def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype, impl="fast"):
-    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+    check_out_dtype(dtype)
     if dtype not in DTYPE_CODE:
         return default.dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype)

@@ -27,7 +27,8 @@ def qlora_forward(x, packed, absmax, absmax2, code8, offset, blocksize, out_feat
     M, K = x.shape
     N = out_features
     check_linear_args(x, "x", K, packed, absmax, absmax2, code8, blocksize, N, lora_A=lora_A,
-                      lora_B=lora_B, bias=bias, dropout_p=dropout_p, seed=seed)
+                      lora_B=lora_B, bias=bias, dropout_p=dropout_p, seed=seed,
+                      offset=offset)
     x = x.contiguous()
     r = 0 if lora_A is None else lora_A.shape[0]
     y = torch.empty((M, N), dtype=x.dtype)
@@ -61,7 +62,7 @@ def qlora_backward_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_
     M, N = dy.shape
     K = in_features
     check_linear_args(dy, "dy", K, packed, absmax, absmax2, code8, blocksize, N, lora_A=lora_A, g=g,
-                      dropout_p=dropout_p, seed=seed)
+                      dropout_p=dropout_p, seed=seed, offset=offset)
     if lora_A is not None and (g is None or g.shape[1] != lora_A.shape[0]):
         raise ValueError("g must have shape [M, r] with r = lora_A.shape[0]")
     dy = dy.contiguous()

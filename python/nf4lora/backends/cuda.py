@@ -6,7 +6,8 @@ import torch
 
 from .._native import DTYPE_CODE, _C_cuda, addr
 from . import default
-from .state import check_nf4_state
+from .state import (check_nf4_state, check_out_dtype, check_quantize_absmax_args,
+                    check_quantize_args)
 
 OP = "nf4lora::"
 
@@ -16,6 +17,7 @@ def _stream(t):
 
 
 def quantize_nf4(w, blocksize):
+    check_quantize_args(w, blocksize)
     if w.dtype not in DTYPE_CODE:
         return default.quantize_nf4(w, blocksize)
     w = w.contiguous()
@@ -32,7 +34,7 @@ def quantize_nf4(w, blocksize):
 
 
 def quantize_absmax(absmax, offset, code8):
-    absmax = absmax.contiguous().float()
+    check_quantize_absmax_args(absmax, offset, code8)
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("absmax contains NaN or Inf")
     nb = absmax.numel()
@@ -46,7 +48,8 @@ def quantize_absmax(absmax, offset, code8):
 
 
 def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype):
-    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+    check_out_dtype(dtype)
     if dtype not in DTYPE_CODE:
         return default.dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)

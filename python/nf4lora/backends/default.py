@@ -9,12 +9,14 @@ import math
 import torch
 
 from ..nf4_format import NF4_CODE, NF4_MIDPOINTS
-from .state import check_nf4_state
+from .state import (check_dequantize_absmax_args, check_nf4_state, check_out_dtype,
+                    check_quantize_absmax_args, check_quantize_args)
 
 OP = "nf4lora::"
 
 
 def quantize_nf4(w, blocksize):
+    check_quantize_args(w, blocksize)
     n = w.numel()
     flat = w.reshape(-1).float()
     nb = -(-n // blocksize)
@@ -58,6 +60,7 @@ def code8_encode(x, code8):
 
 
 def quantize_absmax(absmax, offset, code8):
+    check_quantize_absmax_args(absmax, offset, code8)
     nb = absmax.numel()
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("absmax contains NaN or Inf")
@@ -74,6 +77,7 @@ def quantize_absmax(absmax, offset, code8):
 
 
 def dequantize_absmax(qabsmax, absmax2, code8, offset):
+    check_dequantize_absmax_args(qabsmax, absmax2, code8, offset)
     scale = absmax2.repeat_interleave(256)[: qabsmax.numel()]
     # two float32 roundings, never fused: code*scale, then + offset (as bitsandbytes)
     return code8[qabsmax.long()] * scale + torch.tensor(offset, dtype=torch.float32, device=qabsmax.device)
@@ -87,7 +91,8 @@ def block_absmax(absmax, absmax2, code8, offset):
 
 
 def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype):
-    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape)
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+    check_out_dtype(dtype)
     n = math.prod(shape)
     codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()
     scale = block_absmax(absmax, absmax2, code8, offset).repeat_interleave(blocksize)[:n]

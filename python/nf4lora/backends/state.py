@@ -1,21 +1,106 @@
-"""Validation of raw NF4 state tensors, shared by every backend (runs before any kernel)."""
+"""Validation of raw op arguments, shared by every backend: runs before any kernel, so a bad or
+inconsistent state is a ValueError/TypeError naming the argument, never an out-of-bounds read."""
 import math
 
 import torch
 
+# Input dtypes of quantize_nf4 and output dtypes of dequantize_nf4 at the op level (float64 runs
+# through the pure-torch backend; the public API takes the first three only).
+OP_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-def check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape):
-    """Raise ValueError if the state tensors do not describe `shape` consistently."""
-    n = math.prod(shape)
-    if n <= 0:
-        raise ValueError(f"shape must have at least one element, got {list(shape)}")
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def check_blocksize_value(blocksize, name="blocksize"):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int, got {type(blocksize).__name__}")
     if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
+        raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize}")
+
+
+def check_offset(offset, name="offset"):
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"{name} must be a finite float, got {offset!r}")
+
+
+def _check_tensor_arg(name, t, device=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but expected {device}")
+
+
+def check_code8(code8, device=None):
+    _check_tensor_arg("code8", code8, device)
+    if code8.dtype != torch.float32 or code8.numel() != 256:
+        raise ValueError(f"code8 (nested_quant_map) must be float32 with 256 elements, got "
+                         f"{_name(code8.dtype)} with {code8.numel()}")
+
+
+def check_quantize_args(w, blocksize):
+    """quantize_nf4(w, blocksize): a non-empty floating tensor and a valid blocksize."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in OP_FLOAT_DTYPES:
+        raise ValueError(f"w must have dtype in ({', '.join(map(_name, OP_FLOAT_DTYPES))}), got "
+                         f"{_name(w.dtype)}")
+    if w.numel() == 0:
+        raise ValueError(f"w must not be empty, got shape {tuple(w.shape)}")
+    check_blocksize_value(blocksize)
+
+
+def check_quantize_absmax_args(absmax, offset, code8):
+    _check_tensor_arg("absmax", absmax)
+    if absmax.dtype != torch.float32:
+        raise ValueError(f"absmax must be float32, got {_name(absmax.dtype)}")
+    if absmax.numel() == 0:
+        raise ValueError("absmax must not be empty")
+    check_offset(offset)
+    check_code8(code8, absmax.device)
+
+
+def check_dequantize_absmax_args(qabsmax, absmax2, code8, offset):
+    _check_tensor_arg("qabsmax", qabsmax)
+    if qabsmax.dtype != torch.uint8:
+        raise ValueError(f"qabsmax must be uint8 codes, got {_name(qabsmax.dtype)}")
+    if qabsmax.numel() == 0:
+        raise ValueError("qabsmax must not be empty")
+    nb = qabsmax.numel()
+    _check_tensor_arg("absmax2", absmax2, qabsmax.device)
+    if absmax2.dtype != torch.float32 or absmax2.numel() != -(-nb // 256):
+        raise ValueError(f"absmax2 (nested_absmax) must be float32 with {-(-nb // 256)} elements "
+                         f"for {nb} codes, got {_name(absmax2.dtype)} with {absmax2.numel()}")
+    check_code8(code8, qabsmax.device)
+    check_offset(offset)
+
+
+def check_out_dtype(dtype):
+    if not isinstance(dtype, torch.dtype) or dtype not in OP_FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of ({', '.join(map(_name, OP_FLOAT_DTYPES))}), got {dtype}")
+
+
+def check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset=0.0):
+    """Raise ValueError if the state tensors do not describe `shape` consistently."""
+    for name, t in (("packed", packed), ("absmax", absmax)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("absmax2", absmax2), ("code8", code8)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    shape = list(shape)
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+        raise ValueError(f"shape must be a non-empty list of positive ints, got {shape}")
+    n = math.prod(shape)
+    check_blocksize_value(blocksize)
     nb = -(-n // blocksize)
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(
-            f"packed must be uint8 with {(n + 1) // 2} elements for shape {list(shape)}, "
-            f"got {packed.dtype} with {packed.numel()}")
+            f"packed must be uint8 with {(n + 1) // 2} elements for shape {shape}, "
+            f"got {_name(packed.dtype)} with {packed.numel()}")
     for name, t in (("packed", packed), ("absmax", absmax), ("absmax2", absmax2), ("code8", code8)):
         if t is None:
             continue
@@ -24,24 +109,30 @@ def check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape):
         if t.device != packed.device:
             raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
     if absmax.numel() != nb:
-        raise ValueError(f"absmax must have {nb} elements (one per block), got {absmax.numel()}")
+        raise ValueError(f"absmax must have {nb} elements (one per block of {blocksize} for shape "
+                         f"{shape}), got {absmax.numel()}")
     if absmax2 is None:
         if absmax.dtype != torch.float32:
-            raise ValueError(f"absmax must be float32 when not double-quantized, got {absmax.dtype}")
+            raise ValueError(f"absmax must be float32 when not double-quantized (absmax2 is None), "
+                             f"got {_name(absmax.dtype)}")
         return
     if absmax.dtype != torch.uint8:
-        raise ValueError(f"absmax must be uint8 codes when double-quantized, got {absmax.dtype}")
-    if code8 is None or code8.dtype != torch.float32 or code8.numel() != 256:
-        raise ValueError("code8 (nested_quant_map) must be float32 with 256 elements")
+        raise ValueError(f"absmax must be uint8 codes when double-quantized (absmax2 given), got "
+                         f"{_name(absmax.dtype)}")
+    if code8 is None:
+        raise ValueError("code8 (nested_quant_map) is required with absmax2 (double quantization)")
+    check_code8(code8)
     if absmax2.dtype != torch.float32 or absmax2.numel() != -(-nb // 256):
         raise ValueError(f"absmax2 (nested_absmax) must be float32 with {-(-nb // 256)} elements, "
-                         f"got {absmax2.dtype} with {absmax2.numel()}")
+                         f"got {_name(absmax2.dtype)} with {absmax2.numel()}")
+    check_offset(offset)
+
 
 
 def check_linear_args(x, name, K, packed, absmax, absmax2, code8, blocksize, N, *, lora_A=None,
-                      lora_B=None, bias=None, g=None, dropout_p=0.0, seed=None):
+                      lora_B=None, bias=None, g=None, dropout_p=0.0, seed=None, offset=0.0):
     """Shapes/dtypes of a linear op's arguments against W [N, K] (raises ValueError naming them)."""
-    check_nf4_state(packed, absmax, absmax2, code8, blocksize, (N, K))
+    check_nf4_state(packed, absmax, absmax2, code8, blocksize, (N, K), offset)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
