@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <string>
 
+#include "nf4lora/dropout.h"
+#include "nf4lora/dtype.h"
+#include "nf4lora/layout.h"
 #include "nf4lora/status.h"
 
 namespace nf4lora {
@@ -33,6 +36,40 @@ inline bool use_ref(const std::string& impl) {
   if (impl == "ref") return true;
   if (impl == "fast") return false;
   throw py::value_error("impl must be 'ref' or 'fast', got '" + impl + "'");
+}
+
+inline DType to_dtype(int d) {
+  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
+  return static_cast<DType>(d);
+}
+
+// Block scales from addresses: absmax (plain) or qabsmax + absmax2 + code8 + offset (nested).
+inline NF4Scales make_scales(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2,
+                             uintptr_t code8, float offset) {
+  NF4Scales s;
+  s.absmax = ptr<const float>(absmax);
+  s.qabsmax = ptr<const uint8_t>(qabsmax);
+  s.absmax2 = ptr<const float>(absmax2);
+  s.code8 = ptr<const float>(code8);
+  s.offset = offset;
+  return s;
+}
+
+inline NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
+                             uintptr_t absmax2, uintptr_t code8, float offset, int64_t N,
+                             int64_t K, int64_t blocksize) {
+  NF4Weight w;
+  w.packed = ptr<const uint8_t>(packed);
+  w.scales = make_scales(absmax, qabsmax, absmax2, code8, offset);
+  w.N = N;
+  w.K = K;
+  w.blocksize = blocksize;
+  return w;
+}
+
+inline DropoutMask make_mask(double p, int64_t seed) {
+  if (!(p >= 0.0 && p < 1.0)) throw py::value_error("dropout_p must be in [0, 1)");
+  return make_dropout(p, seed);
 }
 
 }  // namespace bind

@@ -8,35 +8,6 @@ namespace nf4lora {
 
 using namespace bind;
 
-namespace {
-
-NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2,
-                      uintptr_t code8, float offset, int64_t N, int64_t K, int64_t blocksize) {
-  NF4Weight w;
-  w.packed = ptr<const uint8_t>(packed);
-  w.scales.absmax = ptr<const float>(absmax);
-  w.scales.qabsmax = ptr<const uint8_t>(qabsmax);
-  w.scales.absmax2 = ptr<const float>(absmax2);
-  w.scales.code8 = ptr<const float>(code8);
-  w.scales.offset = offset;
-  w.N = N;
-  w.K = K;
-  w.blocksize = blocksize;
-  return w;
-}
-
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-
-DropoutMask to_dropout(double p, int64_t seed) {
-  if (!(p >= 0.0 && p < 1.0)) throw py::value_error("dropout_p must be in [0, 1)");
-  return make_dropout(p, seed);
-}
-
-}  // namespace
-
 void register_cpu_linear(py::module_& m) {
   m.def(
       "qlora_forward",
@@ -45,7 +16,7 @@ void register_cpu_linear(py::module_& m) {
          uintptr_t bias, uintptr_t A, uintptr_t B, int64_t r, float scaling, double dropout_p,
          int64_t seed, uintptr_t y, uintptr_t u, const std::string& impl) {
         const NF4Weight w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
-        LoraArgs lora{ptr<const float>(A), ptr<const float>(B), r, scaling, to_dropout(dropout_p, seed)};
+        LoraArgs lora{ptr<const float>(A), ptr<const float>(B), r, scaling, make_mask(dropout_p, seed)};
         const LoraArgs* lp = A ? &lora : nullptr;
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
@@ -73,7 +44,7 @@ void register_cpu_linear(py::module_& m) {
          uintptr_t dx, const std::string& impl) {
         const NF4Weight w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
         // B is not needed for dx (g = dy B comes in); point it at A so the struct is complete.
-        LoraArgs lora{ptr<const float>(A), ptr<const float>(A), r, scaling, to_dropout(dropout_p, seed)};
+        LoraArgs lora{ptr<const float>(A), ptr<const float>(A), r, scaling, make_mask(dropout_p, seed)};
         const LoraArgs* lp = A ? &lora : nullptr;
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
@@ -96,7 +67,7 @@ void register_cpu_linear(py::module_& m) {
       "lora_grad_a",
       [](uintptr_t g, uintptr_t x, int dtype, int64_t M, int64_t K, int64_t r, float scaling,
          double dropout_p, int64_t seed, uintptr_t dA, const std::string& impl) {
-        const DropoutMask drop = to_dropout(dropout_p, seed);
+        const DropoutMask drop = make_mask(dropout_p, seed);
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
         Status s;

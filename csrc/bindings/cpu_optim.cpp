@@ -8,31 +8,6 @@ namespace nf4lora {
 
 using namespace bind;
 
-namespace {
-
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-
-AdamWScalars make_scalars(float decay, float beta2, float omb1, float omb2, float step_size,
-                          float bias2_sqrt, float eps) {
-  AdamWScalars s;
-  s.decay = decay;
-  s.beta2 = beta2;
-  s.one_minus_beta1 = omb1;
-  s.one_minus_beta2 = omb2;
-  s.step_size = step_size;
-  s.bias2_sqrt = bias2_sqrt;
-  s.eps = eps;
-  return s;
-}
-
-const char* kScalarsHelp =
-    "hyper-parameters out of range (lr, eps >= 0, weight_decay, betas in [0, 1), step >= 1)";
-
-}  // namespace
-
 void register_cpu_optim(py::module_& m) {
   m.def(
       "adamw32",
@@ -41,7 +16,7 @@ void register_cpu_optim(py::module_& m) {
          float bias2_sqrt, float eps, int64_t page_elems, const std::string& impl) {
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
-        const AdamWScalars s = make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps);
+        const AdamWScalars s = AdamWScalars{decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps};
         Status st;
         {
           py::gil_scoped_release nogil;
@@ -50,7 +25,7 @@ void register_cpu_optim(py::module_& m) {
                    : adamw32_cpu(ptr<void>(param), ptr<const void>(grad), d, ptr<float>(exp_avg),
                                  ptr<float>(exp_avg_sq), n, s, page_elems);
         }
-        check(st, "adamw32", st == Status::kBadArgument ? kScalarsHelp : "");
+        check(st, "adamw32", st == Status::kBadArgument ? kAdamWRangeHelp : "");
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("exp_avg"),
       py::arg("exp_avg_sq"), py::arg("n"), py::arg("decay"), py::arg("beta2"), py::arg("omb1"),
@@ -65,7 +40,7 @@ void register_cpu_optim(py::module_& m) {
          const std::string& impl) {
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
-        const AdamWScalars s = make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps);
+        const AdamWScalars s = AdamWScalars{decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps};
         Status st;
         {
           py::gil_scoped_release nogil;
@@ -75,7 +50,7 @@ void register_cpu_optim(py::module_& m) {
                                 ptr<uint8_t>(qv), ptr<float>(absmax_m), ptr<float>(absmax_v), n, s,
                                 page_elems);
         }
-        check(st, "adamw8", st == Status::kBadArgument ? kScalarsHelp : "");
+        check(st, "adamw8", st == Status::kBadArgument ? kAdamWRangeHelp : "");
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("qm"), py::arg("qv"),
       py::arg("absmax_m"), py::arg("absmax_v"), py::arg("n"), py::arg("decay"), py::arg("beta2"),

@@ -7,26 +7,6 @@ namespace nf4lora {
 
 using namespace bind;
 
-namespace {
-
-NF4Scales make_scales(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
-                      float offset) {
-  NF4Scales s;
-  s.absmax = ptr<const float>(absmax);
-  s.qabsmax = ptr<const uint8_t>(qabsmax);
-  s.absmax2 = ptr<const float>(absmax2);
-  s.code8 = ptr<const float>(code8);
-  s.offset = offset;
-  return s;
-}
-
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-
-}  // namespace
-
 void register_cpu_quantize(py::module_& m) {
   m.def(
       "nf4_quantize",

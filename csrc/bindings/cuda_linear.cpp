@@ -19,35 +19,6 @@ using namespace bind;
 
 namespace {
 
-void check_cuda(Status s, const char* launcher) {
-  check(s, launcher, s == Status::kCudaError ? cuda::last_error_string() : "");
-}
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-
-cuda::NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
-                            uintptr_t absmax2, uintptr_t code8, float offset, int64_t blocksize,
-                            int64_t N, int64_t K) {
-  cuda::NF4Weight w;
-  w.packed = ptr<const uint8_t>(packed);
-  w.scales.absmax = ptr<const float>(absmax);
-  w.scales.qabsmax = ptr<const uint8_t>(qabsmax);
-  w.scales.absmax2 = ptr<const float>(absmax2);
-  w.scales.code8 = ptr<const float>(code8);
-  w.scales.offset = offset;
-  w.blocksize = blocksize;
-  w.N = N;
-  w.K = K;
-  return w;
-}
-
-DropoutMask make_mask(double p, int64_t seed) {
-  if (!(p >= 0.0 && p < 1.0)) throw py::value_error("dropout_p must be in [0, 1)");
-  return make_dropout(p, seed);
-}
-
 py::dict plan_dict(const cuda::LinearPlan& p) {
   py::dict d;
   static const char* names[] = {"simt", "gemv", "gemm"};
@@ -206,7 +177,7 @@ void register_cuda_linear(py::module_& m) {
         e.right = ptr<const float>(lora_B);
         e.r = u ? r : 0;
         e.scaling = scaling;
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
         py::gil_scoped_release nogil;
         check_cuda(cuda::nf4_linear_fwd(ptr<const void>(x), to_dtype(dtype), M, w, e, ptr<void>(y),
                                         ptr<float>(ws), ws_floats, cuda::as_stream(stream),
@@ -230,7 +201,7 @@ void register_cuda_linear(py::module_& m) {
         e.r = g ? r : 0;
         e.scaling = scaling;
         e.mask = make_mask(dropout_p, seed);
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
         py::gil_scoped_release nogil;
         check_cuda(cuda::nf4_linear_bwd(ptr<const void>(dy), to_dtype(dtype), M, w, e,
                                         ptr<void>(dx), ptr<float>(ws), ws_floats,
@@ -376,7 +347,7 @@ void register_cuda_linear(py::module_& m) {
         if (d == DType::kF32) throw py::value_error("the tensor-core path takes f16/bf16");
         if (K % 32 != 0 || (bwd && N % 8 != 0))
           throw py::value_error("the tensor-core path needs K % 32 == 0 (and N % 8 == 0 backward)");
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
         cuda::LinearEpilogue e;
         e.bias = ptr<const float>(bias);
         e.left = ptr<const float>(left);

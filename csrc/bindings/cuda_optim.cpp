@@ -10,36 +10,6 @@ namespace nf4lora {
 
 using namespace bind;
 
-namespace {
-
-void check_cuda(Status s, const char* launcher) {
-  std::string detail;
-  if (s == Status::kCudaError) detail = cuda::last_error_string();
-  if (s == Status::kBadArgument)
-    detail = "hyper-parameters out of range (lr, eps >= 0, weight_decay, betas in [0, 1), step >= 1)";
-  check(s, launcher, detail);
-}
-
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-
-AdamWScalars make_scalars(float decay, float beta2, float omb1, float omb2, float step_size,
-                          float bias2_sqrt, float eps) {
-  AdamWScalars s;
-  s.decay = decay;
-  s.beta2 = beta2;
-  s.one_minus_beta1 = omb1;
-  s.one_minus_beta2 = omb2;
-  s.step_size = step_size;
-  s.bias2_sqrt = bias2_sqrt;
-  s.eps = eps;
-  return s;
-}
-
-}  // namespace
-
 void register_cuda_optim(py::module_& m) {
   m.attr("PAGED_SLOTS") = cuda::kPagedSlots;
   m.def("paged_slot_bytes", &cuda::paged_slot_bytes, py::arg("bits"), py::arg("page_elems"),
@@ -76,9 +46,9 @@ void register_cuda_optim(py::module_& m) {
          float bias2_sqrt, float eps, uintptr_t stream) {
         check_cuda(cuda::adamw32(ptr<void>(param), ptr<const void>(grad), to_dtype(dtype),
                                  ptr<float>(exp_avg), ptr<float>(exp_avg_sq), n,
-                                 make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps),
+                                 AdamWScalars{decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps},
                                  cuda::as_stream(stream)),
-                   "adamw32");
+                   "adamw32", kAdamWRangeHelp);
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("exp_avg"),
       py::arg("exp_avg_sq"), py::arg("n"), py::arg("decay"), py::arg("beta2"), py::arg("omb1"),
@@ -94,9 +64,9 @@ void register_cuda_optim(py::module_& m) {
                                 ptr<uint8_t>(qm), ptr<uint8_t>(qv), ptr<float>(absmax_m),
                                 ptr<float>(absmax_v), ptr<const float>(code_m),
                                 ptr<const float>(code_v), n,
-                                make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps),
+                                AdamWScalars{decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps},
                                 cuda::as_stream(stream)),
-                   "adamw8");
+                   "adamw8", kAdamWRangeHelp);
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("qm"), py::arg("qv"),
       py::arg("absmax_m"), py::arg("absmax_v"), py::arg("code_m"), py::arg("code_v"),
@@ -113,11 +83,11 @@ void register_cuda_optim(py::module_& m) {
                                      ptr<void>(m_host), ptr<void>(v_host), ptr<float>(absmax_m_host),
                                      ptr<float>(absmax_v_host), ptr<const float>(code_m),
                                      ptr<const float>(code_v), n,
-                                     make_scalars(decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps),
+                                     AdamWScalars{decay, beta2, omb1, omb2, step_size, bias2_sqrt, eps},
                                      page_elems, ptr<void>(staging), staging_bytes,
                                      cuda::as_stream(compute), cuda::as_stream(copy_in),
                                      cuda::as_stream(copy_out)),
-                   "adamw_paged");
+                   "adamw_paged", kAdamWRangeHelp);
       },
       py::arg("param"), py::arg("grad"), py::arg("dtype"), py::arg("bits"), py::arg("m_host"),
       py::arg("v_host"), py::arg("absmax_m_host"), py::arg("absmax_v_host"), py::arg("code_m"),

@@ -9,16 +9,6 @@ namespace nf4lora {
 
 using namespace bind;
 
-namespace {
-void check_cuda(Status s, const char* launcher) {
-  check(s, launcher, s == Status::kCudaError ? cuda::last_error_string() : "");
-}
-DType to_dtype(int d) {
-  if (!dtype_valid(d)) throw py::value_error("dtype code must be 0 (f32), 1 (f16) or 2 (bf16)");
-  return static_cast<DType>(d);
-}
-}  // namespace
-
 void register_cuda_quantize(py::module_& m) {
   m.def(
       "nf4_quantize",
@@ -35,12 +25,7 @@ void register_cuda_quantize(py::module_& m) {
       "nf4_dequantize",
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
          float offset, int64_t n, int64_t blocksize, uintptr_t out, int dtype, uintptr_t stream) {
-        NF4Scales sc;
-        sc.absmax = ptr<const float>(absmax);
-        sc.qabsmax = ptr<const uint8_t>(qabsmax);
-        sc.absmax2 = ptr<const float>(absmax2);
-        sc.code8 = ptr<const float>(code8);
-        sc.offset = offset;
+        const NF4Scales sc = make_scales(absmax, qabsmax, absmax2, code8, offset);
         check_cuda(cuda::nf4_dequantize(ptr<const uint8_t>(packed), sc, n, blocksize, ptr<void>(out),
                                         to_dtype(dtype), cuda::as_stream(stream)),
                    "nf4_dequantize");

@@ -45,12 +45,10 @@ struct Planes {
   }
 };
 
-inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  const __m128i m4 = _mm_set1_epi8(0x0f);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);  // elements 0, 2, 4, ...
-  const __m128i lo = _mm_and_si128(b, m4);                      // elements 1, 3, 5, ...
-  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+// 32 codes (bytes in [0, 15], per 128-bit lane) -> float32 code values: vpshufb each byte plane,
+// then interleave bytes 0|1 and 2|3 into 16-bit, and those into 32-bit lanes. Within each lane,
+// f0 holds codes 0-3, f1 codes 4-7, f2 codes 8-11, f3 codes 12-15.
+inline void lookup32(const __m256i c, const Planes& t, __m256 f[4]) {
   const __m256i b0 = _mm256_shuffle_epi8(t.p[0], c), b1 = _mm256_shuffle_epi8(t.p[1], c);
   const __m256i b2 = _mm256_shuffle_epi8(t.p[2], c), b3 = _mm256_shuffle_epi8(t.p[3], c);
   const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
@@ -59,6 +57,15 @@ inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
   f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
   f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
   f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);  // elements 0, 2, 4, ...
+  const __m128i lo = _mm_and_si128(b, m4);                      // elements 1, 3, 5, ...
+  const __m256i c = _mm256_set_m128i(_mm_unpackhi_epi8(hi, lo), _mm_unpacklo_epi8(hi, lo));
+  lookup32(c, t, f);
 }
 
 // GEMV variant with 3 fewer shuffles: the 16 bytes are broadcast to both lanes and a per-lane
@@ -70,14 +77,7 @@ inline void decode32_evenodd(const uint8_t* src, const Planes& t, __m256 f[4]) {
   const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
                                      _mm256_set1_epi8(0x0f));
-  const __m256i b0 = _mm256_shuffle_epi8(t.p[0], c), b1 = _mm256_shuffle_epi8(t.p[1], c);
-  const __m256i b2 = _mm256_shuffle_epi8(t.p[2], c), b3 = _mm256_shuffle_epi8(t.p[3], c);
-  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
-  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
-  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
-  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
-  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
-  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+  lookup32(c, t, f);
 }
 
 // Elements [k0, k0 + len) of W row n -> dst[0:len] (fp32, natural order). 32-element groups that

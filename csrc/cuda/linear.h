@@ -20,12 +20,7 @@
 namespace nf4lora {
 namespace cuda {
 
-struct NF4Weight {
-  const uint8_t* packed = nullptr;  // [(N*K+1)/2]
-  NF4Scales scales;
-  int64_t blocksize = 64;
-  int64_t N = 0, K = 0;
-};
+using NF4Weight = ::nf4lora::NF4Weight;  // csrc/include/nf4lora/layout.h, shared with the CPU
 
 // SM count and compute capability of the current device (cached per device).
 Status device_info(int* sm_count, int* cc);

@@ -15,26 +15,6 @@
 
 namespace nf4lora {
 
-// The frozen NF4 weight W [N, K] (flattened blocks of `blocksize` along K, bitsandbytes layout).
-struct NF4Weight {
-  const uint8_t* packed = nullptr;  // [(N*K+1)/2]
-  NF4Scales scales;
-  int64_t N = 0, K = 0, blocksize = 64;
-
-  // W[n, k] as float32 (reference decode; the fast kernels decode 32 at a time).
-  NF4LORA_HD float at(int64_t n, int64_t k) const {
-    const int64_t i = n * K + k;
-    const uint8_t byte = packed[i / 2];
-    return nf4_decode((i % 2 == 0) ? nf4_hi(byte) : nf4_lo(byte)) * scales.block(i / blocksize);
-  }
-  Status check() const {
-    if (!packed) return Status::kNullPointer;
-    if (N <= 0 || K <= 0) return Status::kBadSize;
-    if (!blocksize_valid(blocksize)) return Status::kBadBlocksize;
-    return scales.check();
-  }
-};
-
 // The LoRA side of the fused linear. A [r, K], B [N, r] float32; scaling s; dropout on the LoRA input.
 struct LoraArgs {
   const float* A = nullptr;

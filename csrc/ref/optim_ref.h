@@ -34,6 +34,10 @@ constexpr int64_t kOptimMin8bit = 4096;   // smaller tensors keep 32-bit state (
 // Float32 constants of one AdamW step, derived once per (param group, step) by the Python layer
 // (nf4lora._optim_ops.adamw_scalars, in double, then rounded to float32) so that the scalar, AVX2,
 // CUDA and pure-torch paths all see identical values.
+// What kBadArgument from an AdamW launcher means (the bindings' error text).
+constexpr const char* kAdamWRangeHelp =
+    "hyper-parameters out of range (lr, eps >= 0, weight_decay, betas in [0, 1), step >= 1)";
+
 struct AdamWScalars {
   float decay;            // 1 - lr * weight_decay
   float beta2;            // b2

@@ -7,7 +7,7 @@ import torch
 
 from .._native import DTYPE_CODE, _C, addr
 from . import default
-from .state import check_linear_args
+from .state import check_linear_args, seed_value
 
 OP = "nf4lora::"
 
@@ -16,10 +16,6 @@ def _w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize):
     nested = absmax2 is not None
     return (packed.data_ptr(), 0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
             addr(absmax2), addr(code8), offset, N, K, blocksize)
-
-
-def _seed(dropout_p, seed):
-    return int(seed) if dropout_p > 0.0 else 0
 
 
 def qlora_forward(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, lora_A,
@@ -37,7 +33,7 @@ def qlora_forward(x, packed, absmax, absmax2, code8, offset, blocksize, out_feat
         _C.qlora_forward(x.data_ptr(), DTYPE_CODE[x.dtype], M,
                          *_w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize),
                          addr(bias), addr(lora_A), addr(lora_B), r, scaling, dropout_p,
-                         _seed(dropout_p, seed), y.data_ptr(), u.data_ptr() if r else 0, impl)
+                         seed_value(dropout_p, seed), y.data_ptr(), u.data_ptr() if r else 0, impl)
     return y, u
 
 
@@ -71,7 +67,7 @@ def qlora_backward_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_
     if M > 0:
         _C.qlora_backward_dx(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
                              *_w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize),
-                             addr(lora_A), r, scaling, dropout_p, _seed(dropout_p, seed),
+                             addr(lora_A), r, scaling, dropout_p, seed_value(dropout_p, seed),
                              addr(None if g is None else g.contiguous()) if r else 0,
                              dx.data_ptr(), impl)
     return dx
@@ -107,7 +103,7 @@ def lora_grad_a(g, x, scaling, dropout_p, seed, impl="fast"):
     if M > 0 and r > 0:
         g, x = g.contiguous(), x.contiguous()
         _C.lora_grad_a(g.data_ptr(), x.data_ptr(), DTYPE_CODE[x.dtype], M, K, r, scaling, dropout_p,
-                       _seed(dropout_p, seed), dA.data_ptr(), impl)
+                       seed_value(dropout_p, seed), dA.data_ptr(), impl)
     return dA
 
 

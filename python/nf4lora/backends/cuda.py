@@ -77,7 +77,7 @@ _register()
 # Linear ops (see _ops.py): nf4lora._C_cuda's fused NF4 linear. The launcher picks GEMV / tensor-
 # core GEMM / SIMT fallback (csrc/cuda/linear_plan.h); Python allocates outputs and the split-K
 # workspace. float64 (and anything else the kernels do not take) goes to the pure-torch default.
-from .state import check_linear_args  # noqa: E402
+from .state import check_linear_args, seed_value  # noqa: E402
 
 
 def _w_args(packed, absmax, absmax2, code8, offset, blocksize):
@@ -95,10 +95,6 @@ def _workspace(M, N, K, bwd, x, out, packed):
     n = plan["ws_floats"]
     ws = torch.empty((n,), dtype=torch.float32, device=x.device) if n else None
     return ws, n
-
-
-def _seed_int(dropout_p, seed):
-    return int(seed) if dropout_p > 0.0 else 0
 
 
 def _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, N, bias, u, lora_B, scaling):
@@ -122,7 +118,7 @@ def _bwd(dy, packed, absmax, absmax2, code8, offset, blocksize, K, g, lora_A, sc
     _C_cuda.nf4_linear_bwd(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
                            *_w_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
                            addr(g), addr(lora_A), r, float(scaling), float(dropout_p),
-                           _seed_int(dropout_p, seed), dx.data_ptr(), addr(ws), n, _stream(dy))
+                           seed_value(dropout_p, seed), dx.data_ptr(), addr(ws), n, _stream(dy))
     return dx
 
 
@@ -165,7 +161,7 @@ def qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features
         u = torch.empty((M, r), dtype=torch.float32, device=x.device)
         if r > 0:
             _C_cuda.lora_u(x.data_ptr(), DTYPE_CODE[x.dtype], M, K, lora_A.data_ptr(), r,
-                           float(dropout_p), _seed_int(dropout_p, seed), u.data_ptr(), _stream(x))
+                           float(dropout_p), seed_value(dropout_p, seed), u.data_ptr(), _stream(x))
         y = _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
                  None if bias is None else bias.contiguous(), u if r > 0 else None,
                  lora_B if r > 0 else None, scaling)
@@ -207,7 +203,7 @@ def lora_grad_a(g, x, scaling, dropout_p, seed):
         n = _C_cuda.lora_grad_a_ws_floats(M, K, r)
         ws = torch.empty((n,), dtype=torch.float32, device=x.device) if n else None
         _C_cuda.lora_grad_a(g.data_ptr(), x.data_ptr(), DTYPE_CODE[x.dtype], M, K, r,
-                            float(scaling), float(dropout_p), _seed_int(dropout_p, seed),
+                            float(scaling), float(dropout_p), seed_value(dropout_p, seed),
                             da.data_ptr(), addr(ws), _stream(x))
     return da
 

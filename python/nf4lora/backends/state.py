@@ -156,3 +156,8 @@ def check_linear_args(x, name, K, packed, absmax, absmax2, code8, blocksize, N, 
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_p > 0.0 and seed is None:
         raise ValueError("seed is required when dropout_p > 0")
+
+
+def seed_value(dropout_p, seed):
+    """The dropout seed as the int the kernels take (0 when there is no dropout)."""
+    return int(seed) if dropout_p > 0.0 else 0
