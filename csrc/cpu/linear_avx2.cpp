@@ -10,7 +10,8 @@
 // 16-wide micro-panels [kc][16]; tile 6x16 in 12 ymm accumulators. Blocking: KC = 256 along K (one
 // micro-panel = 16 KB, L1), NB = 48 W rows per decoded block (48 KB, L2), each W element decoded once.
 // GEMM dx computes dx = dy W: A = dy rows (6, broadcast), B = decoded W rows [nc][16 of KB]
-// (natural order, no transpose): NC = 256 along N, KB = 64 columns per decoded block (64 KB, L2).
+// (natural order, no transpose): NC = 256 along N, KB = 256 columns per decoded block (256 KB, L2),
+// dy in blocks of MC = 72 rows (L2) so each dy element comes from memory once per K block.
 #include <omp.h>
 
 #include <algorithm>
@@ -28,7 +29,8 @@ namespace {
 constexpr int64_t kKC = 256;  // forward: K per packed x^T chunk
 constexpr int64_t kNB = 48;   // forward: W rows per decoded block (8 micro-tiles of 6)
 constexpr int64_t kNC = 256;  // dx: N (reduction) per chunk
-constexpr int64_t kKB = 64;   // dx: K columns per decoded block (4 micro-tiles of 16)
+constexpr int64_t kKB = 256;  // dx: K columns per decoded block (16 micro-tiles of 16; 256 KB, L2)
+constexpr int64_t kMC = 72;   // dx: dy rows per L2-resident block (72 x 256 fp32 = 72 KB)
 constexpr int kMR = 6;
 constexpr int kNR = 16;
 
@@ -304,7 +306,9 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
   const int64_t kblocks = (K + kKB - 1) / kKB;
 #pragma omp parallel
   {
-    std::vector<float> wbuf(static_cast<size_t>(kNC * kKB));
+    // wbuf is panel-major [kKB/16][nc][16]: a micro-panel is 16 KB contiguous, so it stays in L1
+    // (row-major with a 1 KB row stride would map all its lines onto 4 L1 sets).
+    std::vector<float> wbuf(static_cast<size_t>(kNC * kKB)), row(static_cast<size_t>(kKB));
     for (int64_t n0 = 0; n0 < N; n0 += kNC) {
       const int64_t nc = std::min(kNC, N - n0);
 #pragma omp for schedule(dynamic, 1)
@@ -312,14 +316,19 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
         const int64_t klo = kb * kKB, cols = std::min(kKB, K - klo);
         const int64_t cols16 = (cols + kNR - 1) / kNR * kNR;
         for (int64_t i = 0; i < nc; ++i) {
-          float* dst = wbuf.data() + i * kKB;
-          decode_row_segment(w, t, n0 + i, klo, cols, dst);
-          std::fill(dst + cols, dst + cols16, 0.0f);
-        }
-        for (int64_t m = 0; m < Mp; m += kMR)
+          decode_row_segment(w, t, n0 + i, klo, cols, row.data());
+          std::fill(row.data() + cols, row.data() + cols16, 0.0f);
           for (int64_t c = 0; c < cols16; c += kNR)
-            ukernel<kMR>(dy + m * N + n0, N, wbuf.data() + c, kKB, nc, dxacc + m * Kp + klo + c, Kp,
-                         n0 > 0);
+            std::memcpy(wbuf.data() + c * nc + i * kNR, row.data() + c, kNR * sizeof(float));
+        }
+        // dy rows in blocks of kMC (L2) x column panels (L1) x 6-row tiles
+        for (int64_t m0 = 0; m0 < Mp; m0 += kMC) {
+          const int64_t m1 = std::min(Mp, m0 + kMC);
+          for (int64_t c = 0; c < cols16; c += kNR)
+            for (int64_t m = m0; m < m1; m += kMR)
+              ukernel<kMR>(dy + m * N + n0, N, wbuf.data() + c * nc, kNR, nc,
+                           dxacc + m * Kp + klo + c, Kp, n0 > 0);
+        }
       }
     }
   }
