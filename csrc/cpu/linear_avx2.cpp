@@ -8,7 +8,7 @@
 //
 // GEMM forward computes y^T = W x^T: A = decoded W rows (6 at a time, broadcast), B = x^T packed in
 // 16-wide micro-panels [kc][16]; tile 6x16 in 12 ymm accumulators. Blocking: KC = 256 along K (one
-// micro-panel = 16 KB, L1), NB = 48 W rows per decoded block (48 KB, L2), each W element decoded once.
+// micro-panel = 16 KB, L1), NB = 96 W rows per decoded block (96 KB, L2), each W element decoded once.
 // GEMM dx computes dx = dy W: A = dy rows (6, broadcast), B = decoded W rows [nc][16 of KB]
 // (natural order, no transpose): NC = 256 along N, KB = 256 columns per decoded block (256 KB, L2),
 // dy in blocks of MC = 72 rows (L2) so each dy element comes from memory once per K block.
@@ -27,7 +27,7 @@ namespace avx2lin {
 namespace {
 
 constexpr int64_t kKC = 256;  // forward: K per packed x^T chunk
-constexpr int64_t kNB = 48;   // forward: W rows per decoded block (8 micro-tiles of 6)
+constexpr int64_t kNB = 96;   // forward: W rows per decoded block (16 micro-tiles of 6)
 constexpr int64_t kNC = 256;  // dx: N (reduction) per chunk
 constexpr int64_t kKB = 256;  // dx: K columns per decoded block (16 micro-tiles of 16; 256 KB, L2)
 constexpr int64_t kMC = 72;   // dx: dy rows per L2-resident block (72 x 256 fp32 = 72 KB)
