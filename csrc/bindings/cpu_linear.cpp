@@ -85,7 +85,7 @@ void register_cpu_linear(py::module_& m) {
       py::arg("impl") = "fast");
 
   m.def("forward_path", &forward_path, py::arg("M"), py::arg("N"), py::arg("K"),
-        "Which CPU path qlora_forward takes: 'gemv', 'gemm' or 'ref'");
+        "Which CPU path qlora_forward takes: 'gemv512', 'gemv', 'gemm' or 'ref'");
 }
 
 }  // namespace nf4lora

@@ -11,6 +11,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx2", &nf4lora::cpu_has_avx2, "CPU has AVX2 + FMA + F16C");
   m.def("set_force_scalar", &nf4lora::set_force_scalar, "Force the scalar fallback (tests)");
   m.def("uses_avx2", &nf4lora::use_avx2, "The fast kernels currently take the AVX2 path");
+  m.def("has_avx512", &nf4lora::cpu_has_avx512, "CPU has AVX-512 F + BW + VL + DQ");
+  m.def("set_force_avx2", &nf4lora::set_force_avx2,
+        "Keep the AVX2 kernels on an AVX-512 CPU (tests, benchmarks; env NF4LORA_FORCE_AVX2=1)");
+  m.def("uses_avx512", &nf4lora::use_avx512, "The M <= 4 GEMV currently takes the AVX-512 path");
   m.def("num_threads", &nf4lora::cpu_num_threads, "OpenMP threads the kernels use");
   m.def(
       "fma_peak_gflops",

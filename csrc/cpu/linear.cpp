@@ -52,7 +52,8 @@ void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lo
 
 const char* forward_path(int64_t M, int64_t N, int64_t K) {
   if (!use_avx2()) return "ref";
-  return (M <= kGemvMaxRows && K % 32 == 0) ? "gemv" : "gemm";
+  if (M > kGemvMaxRows || K % 32 != 0) return "gemm";
+  return (M <= kGemv512MaxRows && use_avx512()) ? "gemv512" : "gemv";
 }
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
@@ -65,10 +66,14 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   if (lora) lora_u(x, dtype, M, K, *lora, u);
 
   if (M <= kGemvMaxRows && K % 32 == 0) {
-    // GEMV: x (fp32, lane-permuted) stays in L1/L2 while W streams once.
+    // GEMV: x (fp32, lane-permuted for the decode that runs) stays in L1/L2 while W streams once.
+    const bool wide = M <= kGemv512MaxRows && use_avx512();  // the "gemv512" path
     std::vector<float> xf(static_cast<size_t>(M * K)), xp(xf.size()), acc(static_cast<size_t>(M * N));
     for (int64_t m = 0; m < M; ++m) load_row(x, dtype, m, K, nullptr, xf.data() + m * K);
-    avx2lin::gemv_permute_x(xf.data(), M, K, xp.data());
+    if (wide)
+      avx512lin::gemv_permute_x(xf.data(), M, K, xp.data());
+    else
+      avx2lin::gemv_permute_x(xf.data(), M, K, xp.data());
     std::vector<float> bt;  // s * B^T [r, N] for a vectorised LoRA epilogue
     if (lora) {
       bt.resize(static_cast<size_t>(r * N));
@@ -79,7 +84,10 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
 #pragma omp parallel for schedule(dynamic, 4)
     for (int64_t n0 = 0; n0 < N; n0 += kRowsPerTask) {
       const int64_t n1 = std::min(N, n0 + kRowsPerTask);
-      avx2lin::gemv_forward(w, xp.data(), M, n0, n1, acc.data());
+      if (wide)
+        avx512lin::gemv_forward(w, xp.data(), M, n0, n1, acc.data());
+      else
+        avx2lin::gemv_forward(w, xp.data(), M, n0, n1, acc.data());
       for (int64_t m = 0; m < M; ++m) {
         float* a = acc.data() + m * N;
         if (bias)

@@ -2,6 +2,7 @@
 // rounding) as csrc/ref/linear_ref.h. Dispatch (csrc/cpu/linear.cpp) picks, by shape:
 //   GEMV path  (M <= kGemvMaxRows, K % 32 == 0): stream each packed W row once, decode 32 codes per
 //              16-byte load in registers, FMA against up to 4 activation rows at a time.
+//              M <= kGemv512MaxRows on an AVX-512 CPU: the same in linear_avx512.cpp ("gemv512").
 //   GEMM path  (otherwise): decode a W panel into an L1/L2-resident fp32 buffer, then a 6x16
 //              register-blocked AVX2 micro-kernel; the LoRA term is added in the epilogue.
 // Without AVX2 every call runs the scalar reference. CPU launchers allocate their own host scratch
@@ -11,7 +12,8 @@
 
 namespace nf4lora {
 
-constexpr int64_t kGemvMaxRows = 16;  // retune from bench/bench_linear.py
+constexpr int64_t kGemvMaxRows = 16;    // retune from bench/bench_linear.py
+constexpr int64_t kGemv512MaxRows = 4;  // AVX-512 GEMV rows (bench/bench_gemv.py)
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
                          const float* bias, const LoraArgs* lora, void* y, float* u);
@@ -20,7 +22,8 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
 Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
                        float scaling, const DropoutMask& drop, float* dA);
 
-// Which path qlora_forward_cpu takes for these sizes (tests and benchmarks report it).
+// Which path qlora_forward_cpu takes for these sizes (tests and benchmarks report it):
+// "gemv512", "gemv", "gemm" or "ref".
 const char* forward_path(int64_t M, int64_t N, int64_t K);
 
 // ---- AVX2 building blocks (csrc/cpu/linear_avx2.cpp; call only when use_avx2()) ----
@@ -42,5 +45,14 @@ float dot(const float* a, const float* b, int64_t n);
 // y[0:n] += alpha * x[0:n]
 void axpy(float alpha, const float* x, float* y, int64_t n);
 }  // namespace avx2lin
+
+// ---- AVX-512 GEMV (csrc/cpu/linear_avx512.cpp; call only when use_avx512()) ----
+namespace avx512lin {
+// x [M, K] fp32 -> xp [M, K]: per 32 elements [x0 x2 .. x30 | x1 x3 .. x31] (K % 32 == 0).
+void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp);
+// As avx2lin::gemv_forward, for 1 <= M <= kGemv512MaxRows; xp from avx512lin::gemv_permute_x.
+void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
+                  float* y_acc);
+}  // namespace avx512lin
 
 }  // namespace nf4lora
