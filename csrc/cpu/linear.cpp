@@ -104,16 +104,16 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   std::vector<float> yT(static_cast<size_t>(Np * Mp));
   avx2lin::gemm_forward(w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r,
                         lora ? lora->scaling : 0.0f, yT.data());
-  // Transpose out in 16 x 64 tiles: rows of yT are read and rows of y written a cache line at a time.
-  constexpr int64_t kTileN = 64;
+  // Transpose out in 8 x 8 register tiles (yT rows are Mp >= m0 + 8 long); the last N % 8
+  // columns element by element.
+  const int64_t N8 = N / 8 * 8;
 #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t m0 = 0; m0 < Mp; m0 += 16)
-    for (int64_t n0 = 0; n0 < N; n0 += kTileN) {
-      const int64_t n1 = std::min(N, n0 + kTileN), m1 = std::min(M, m0 + 16);
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t n = n0; n < n1; ++n)
-          store_from_f32(y, dtype, m * N + n, yT[n * Mp + m] + (bias ? bias[n] : 0.0f));
-    }
+  for (int64_t m0 = 0; m0 < Mp; m0 += 8)
+    for (int64_t n0 = 0; n0 < N8; n0 += 8)
+      if (m0 < M) avx2lin::transpose_out(yT.data(), Mp, M, N, m0, n0, bias, y, dtype);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = N8; n < N; ++n)
+      store_from_f32(y, dtype, m * N + n, yT[n * Mp + m] + (bias ? bias[n] : 0.0f));
   return Status::kOk;
 }
 
@@ -123,23 +123,27 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   if (lora && !g) return Status::kNullPointer;
   if (!use_avx2()) return qlora_backward_dx_ref(dy, dtype, M, w, lora, g, dx);
   const int64_t N = w.N, K = w.K;
-  const int64_t Mp = (M + 5) / 6 * 6, Kp = (K + 15) / 16 * 16;
-  std::vector<float> dyp(static_cast<size_t>(Mp * N)), acc(static_cast<size_t>(Mp * Kp));
+  const int64_t Kp = (K + 15) / 16 * 16;
+  // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.
+  std::vector<float> dyf, accbuf;
+  const float* dyp = static_cast<const float*>(dy);
+  if (dtype != DType::kF32) {
+    dyf.resize(static_cast<size_t>(M * N));
 #pragma omp parallel for schedule(static)
-  for (int64_t m = 0; m < Mp; ++m) {
-    if (m < M)
-      load_row(dy, dtype, m, N, nullptr, dyp.data() + m * N);
-    else
-      std::fill_n(dyp.data() + m * N, N, 0.0f);
+    for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf.data() + m * N);
+    dyp = dyf.data();
   }
-  avx2lin::gemm_backward_dx(w, dyp.data(), M, acc.data());
+  const bool in_place = dtype == DType::kF32 && Kp == K;
+  if (!in_place) accbuf.resize(static_cast<size_t>(M * Kp));
+  float* acc = in_place ? static_cast<float*>(dx) : accbuf.data();
+  avx2lin::gemm_backward_dx(w, dyp, M, acc, Kp);
   // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.
 #pragma omp parallel
   {
     std::vector<float> l(static_cast<size_t>(K));
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < M; ++m) {
-      float* a = acc.data() + m * Kp;
+      float* a = acc + m * Kp;
       if (lora) {
         std::fill(l.begin(), l.end(), 0.0f);
         for (int64_t j = 0; j < lora->r; ++j) avx2lin::axpy(g[m * lora->r + j], lora->A + j * K, l.data(), K);
@@ -149,7 +153,7 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
         }
         avx2lin::axpy(lora->scaling, l.data(), a, K);
       }
-      for (int64_t k = 0; k < K; ++k) store_from_f32(dx, dtype, m * K + k, a[k]);
+      if (!in_place) avx2lin::store_row(a, K, dx, dtype, m * K);
     }
   }
   return Status::kOk;

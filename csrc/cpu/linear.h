@@ -38,8 +38,15 @@ void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, in
 // With u != nullptr the LoRA term rides as r extra K columns: yT += (s B) u^T (u [M, r], B [N, r]).
 void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, const float* u,
                   const float* B, int64_t r, float scaling, float* yT);
-// Full dx GEMM into dxacc (fp32, [Mp6, Kp] with Mp6 = round_up(M, 6), Kp = round_up(K, 16)).
-void gemm_backward_dx(const NF4Weight& w, const float* dy_padded, int64_t M, float* dxacc);
+// Full dx GEMM: dxacc [M, ldc] (fp32, ldc >= round_up(K, 16); columns >= K are scratch) = dy W,
+// dy fp32 [M, N].
+void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxacc, int64_t ldc);
+// y[m0 + j, n0 + i] = yT[(n0 + i) * Mp + m0 + j] + bias[n0 + i] for i, j < 8 (rows m >= M skipped),
+// converted to dtype: an 8x8 transpose of the GEMM's y^T accumulator.
+void transpose_out(const float* yT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
+                   const float* bias, void* y, DType dtype);
+// dst[offset : offset + n] (in dtype) = src[0:n] (fp32)
+void store_row(const float* src, int64_t n, void* dst, DType dtype, int64_t offset);
 // dot products of length n
 float dot(const float* a, const float* b, int64_t n);
 // y[0:n] += alpha * x[0:n]

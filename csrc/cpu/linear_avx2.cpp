@@ -298,11 +298,22 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
   }
 }
 
-void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxacc) {
+// ukernel for the last 1..5 rows of dy (no padded copy of dy needed)
+inline void ukernel_rows(int64_t mr, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         int64_t kc, float* c, int64_t ldc, bool accumulate) {
+  switch (mr) {
+    case 6: ukernel<6>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+    case 5: ukernel<5>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+    case 4: ukernel<4>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+    case 3: ukernel<3>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+    case 2: ukernel<2>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+    default: ukernel<1>(a, lda, b, ldb, kc, c, ldc, accumulate); break;
+  }
+}
+
+void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxacc, int64_t ldc) {
   static const Planes t;
   const int64_t N = w.N, K = w.K;
-  const int64_t Mp = (M + kMR - 1) / kMR * kMR;
-  const int64_t Kp = (K + kNR - 1) / kNR * kNR;
   const int64_t kblocks = (K + kKB - 1) / kKB;
 #pragma omp parallel
   {
@@ -322,16 +333,44 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
             std::memcpy(wbuf.data() + c * nc + i * kNR, row.data() + c, kNR * sizeof(float));
         }
         // dy rows in blocks of kMC (L2) x column panels (L1) x 6-row tiles
-        for (int64_t m0 = 0; m0 < Mp; m0 += kMC) {
-          const int64_t m1 = std::min(Mp, m0 + kMC);
+        for (int64_t m0 = 0; m0 < M; m0 += kMC) {
+          const int64_t m1 = std::min(M, m0 + kMC);
           for (int64_t c = 0; c < cols16; c += kNR)
             for (int64_t m = m0; m < m1; m += kMR)
-              ukernel<kMR>(dy + m * N + n0, N, wbuf.data() + c * nc, kNR, nc,
-                           dxacc + m * Kp + klo + c, Kp, n0 > 0);
+              ukernel_rows(std::min<int64_t>(kMR, m1 - m), dy + m * N + n0, N, wbuf.data() + c * nc,
+                           kNR, nc, dxacc + m * ldc + klo + c, ldc, n0 > 0);
         }
       }
     }
   }
+}
+
+void transpose_out(const float* yT, int64_t Mp, int64_t M, int64_t N, int64_t m0, int64_t n0,
+                   const float* bias, void* y, DType dtype) {
+  // 8 rows of yT (n0..n0+7, each holding m0..m0+7) -> 8 columns of y, through an 8x8 transpose:
+  // unpack pairs, then 64-bit pairs, then 128-bit halves.
+  __m256 r[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(yT + (n0 + i) * Mp + m0);
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  const __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                       _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                       _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                       _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+  const __m256 b = bias ? _mm256_loadu_ps(bias + n0) : _mm256_setzero_ps();
+  for (int j = 0; j < 8 && m0 + j < M; ++j) avx2::store8(y, dtype, (m0 + j) * N + n0, _mm256_add_ps(c[j], b));
+}
+
+void store_row(const float* src, int64_t n, void* dst, DType dtype, int64_t offset) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) avx2::store8(dst, dtype, offset + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) store_from_f32(dst, dtype, offset + i, src[i]);
 }
 
 float dot(const float* a, const float* b, int64_t n) {
