@@ -41,7 +41,7 @@ def main():
     if hasattr(_C, "set_force_avx2") and _C.has_avx512():
         paths.append("avx512")
     print(f"threads={_C.num_threads()} paths={paths}")
-    for N, K in ((4096, 4096), (11008, 4096)):
+    for N, K in ((4096, 4096), (11008, 4096), (4096, 11008)):
         g = torch.Generator().manual_seed(N)
         q = nl.quantize_nf4(torch.randn(N, K, generator=g) * 0.02, 64, double_quant=True)
         copies = max(2, -(-ROTATE_BYTES // q.nbytes) + 1)
