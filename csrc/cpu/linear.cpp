@@ -34,6 +34,17 @@ void load_row(const void* x, DType dtype, int64_t m, int64_t K, const DropoutMas
   }
 }
 
+// x [n] -> xp [n] in the lane order the GEMV decodes produce: per group of `group` elements, the
+// even ones then the odd ones ([x0 x2 .. | x1 x3 ..]); group 8 for AVX2, 32 for AVX-512.
+void permute_even_odd(const float* x, int64_t n, int group, float* xp) {
+  const int half = group / 2;
+  for (int64_t i = 0; i < n; i += group)
+    for (int j = 0; j < half; ++j) {
+      xp[i + j] = x[i + 2 * j];
+      xp[i + half + j] = x[i + 2 * j + 1];
+    }
+}
+
 // u [M, r] = D(x) A^T
 void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
   // A parallel region costs a fork/join; for a few rows one thread is cheaper.
@@ -70,10 +81,7 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
     const bool wide = M <= kGemv512MaxRows && use_avx512();  // the "gemv512" path
     std::vector<float> xf(static_cast<size_t>(M * K)), xp(xf.size()), acc(static_cast<size_t>(M * N));
     for (int64_t m = 0; m < M; ++m) load_row(x, dtype, m, K, nullptr, xf.data() + m * K);
-    if (wide)
-      avx512lin::gemv_permute_x(xf.data(), M, K, xp.data());
-    else
-      avx2lin::gemv_permute_x(xf.data(), M, K, xp.data());
+    permute_even_odd(xf.data(), M * K, wide ? 32 : 8, xp.data());
     std::vector<float> bt;  // s * B^T [r, N] for a vectorised LoRA epilogue
     if (lora) {
       bt.resize(static_cast<size_t>(r * N));

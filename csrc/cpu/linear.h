@@ -28,10 +28,8 @@ const char* forward_path(int64_t M, int64_t N, int64_t K);
 
 // ---- AVX2 building blocks (csrc/cpu/linear_avx2.cpp; call only when use_avx2()) ----
 namespace avx2lin {
-// x [M, K] fp32 -> xp [M, K] in the lane order the GEMV decode produces (K % 32 == 0).
-void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp);
 // y_acc[m, n] (fp32, [M, N]) = sum_k x[m, k] W[n, k] for rows n in [n0, n1), all m < M;
-// xp from gemv_permute_x; requires K % 32 == 0.
+// xp = x even/odd-permuted in groups of 8 (linear.cpp); requires K % 32 == 0.
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc);
 // Full forward GEMM into yT (fp32, [round_up(N, 6), Mp], Mp = round_up(M, 16), transposed).
@@ -55,9 +53,7 @@ void axpy(float alpha, const float* x, float* y, int64_t n);
 
 // ---- AVX-512 GEMV (csrc/cpu/linear_avx512.cpp; call only when use_avx512()) ----
 namespace avx512lin {
-// x [M, K] fp32 -> xp [M, K]: per 32 elements [x0 x2 .. x30 | x1 x3 .. x31] (K % 32 == 0).
-void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp);
-// As avx2lin::gemv_forward, for 1 <= M <= kGemv512MaxRows; xp from avx512lin::gemv_permute_x.
+// As avx2lin::gemv_forward, for 1 <= M <= kGemv512MaxRows; xp even/odd-permuted in groups of 32.
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc);
 }  // namespace avx512lin

@@ -3,7 +3,7 @@
 // NF4 decode, 32 codes per 16-byte load: split nibbles, vpshufb the four byte planes of the exact
 // float32 code table, interleave the planes back into float32 lanes. The GEMV decode
 // (decode32_evenodd) leaves the values in an even/odd lane order and x is permuted into that order
-// once per call (gemv_permute_x), so the hot loop has no cross-lane shuffle; the panel decode
+// once per call (permute_even_odd in linear.cpp), so the hot loop has no cross-lane shuffle; the panel decode
 // (decode32_split) restores natural order with 4 vperm2f128.
 //
 // GEMM forward computes y^T = W x^T: A = decoded W rows (6 at a time, broadcast), B = x^T packed in
@@ -74,7 +74,7 @@ inline void decode32_split(const uint8_t* src, const Planes& t, __m256 f[4]) {
 // variable shift takes the high nibbles in lane 0 (elements 0, 2, ..., 30) and the low nibbles in
 // lane 1 (elements 1, 3, ..., 31). Output order ("even/odd split"):
 //   f0 = [e0 e2 e4 e6 | e1 e3 e5 e7], f1 = [e8 .. e14 even | e9 .. e15 odd], f2 = [e16..|e17..],
-//   f3 = [e24..|e25..]; gemv_permute_x puts x in the same order.
+//   f3 = [e24..|e25..]; linear.cpp permutes x into the same order.
 inline void decode32_evenodd(const uint8_t* src, const Planes& t, __m256 f[4]) {
   const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(b, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0)),
@@ -197,15 +197,6 @@ inline float gemv_row1(const NF4Weight& w, const Planes& t, int64_t n, const flo
 }
 
 }  // namespace
-
-void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp) {
-  // the order decode32_evenodd produces: per 8, [x0 x2 x4 x6 x1 x3 x5 x7]
-  for (int64_t i = 0; i < M * K; i += 8)
-    for (int j = 0; j < 4; ++j) {
-      xp[i + j] = x[i + 2 * j];
-      xp[i + 4 + j] = x[i + 2 * j + 1];
-    }
-}
 
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc) {

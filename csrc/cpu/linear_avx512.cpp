@@ -5,8 +5,8 @@
 // int32 lanes; vpermps (_mm512_permutexvar_ps) against a zmm holding the 16 exact float32 code
 // values reads only bits [3:0] of each index, so the byte itself indexes its LOW nibble (element
 // 2i + 1) with no mask, and the byte >> 4 its HIGH nibble (element 2i). Output order per 32
-// elements: hi = [e0 e2 .. e30], lo = [e1 e3 .. e31]; gemv512_permute_x puts x in that order once
-// per call, so the hot loop has no further shuffle (AVX2 needs ~12 shuffle uops for the same 32).
+// elements: hi = [e0 e2 .. e30], lo = [e1 e3 .. e31]; linear.cpp (permute_even_odd) puts x in that
+// order once per call, so the hot loop has no further shuffle (AVX2 needs ~12 shuffle uops for 32).
 //
 // Scale: one per NF4 block. Per block, 2 fresh accumulators per activation row (hi and lo chains)
 // take the unscaled code values; one FMA per row folds them in with the block's absmax. Blocks
@@ -75,15 +75,6 @@ inline void gemv_row(const NF4Weight& w, __m512 table, int64_t n, const float* x
 }
 
 }  // namespace
-
-void gemv_permute_x(const float* x, int64_t M, int64_t K, float* xp) {
-  // per 32: [x0 x2 .. x30 | x1 x3 .. x31], the order decode32 produces (hi, lo)
-  for (int64_t i = 0; i < M * K; i += 32)
-    for (int j = 0; j < 16; ++j) {
-      xp[i + j] = x[i + 2 * j];
-      xp[i + 16 + j] = x[i + 2 * j + 1];
-    }
-}
 
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc) {
