@@ -137,6 +137,31 @@ def test_scalar_fallback_matches(bits):
     _assert_same(forced, _run_kernels(bits, torch.float32, 5000)[2], "forced scalar vs ref")
 
 
+@pytest.mark.skipif(not C.has_avx2(), reason="needs AVX2")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("bits", [32, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_isa_paths_bit_exact(isa, bits, dtype):
+    """The AVX-512 kernels (optim_avx512.cpp) and the forced-AVX2 path both match the scalar ref,
+    with sizes that leave 16-lane and 8-lane tails; also the 16-lane key-table encoder."""
+    if isa == "avx512" and not C.has_avx512():
+        pytest.skip("needs AVX-512")
+    C.set_force_avx2(isa == "avx2")
+    try:
+        assert C.uses_avx512() == (isa == "avx512")
+        for n in (4096 + 8, 70000 + 13):
+            fast, ref = _run_kernels(bits, dtype, n, impls=("fast", "ref"))
+            _assert_same(fast, ref, f"{isa} vs scalar ref, n={n}")
+        code = dynamic_map(signed=True)
+        x = torch.cat([(code[1:] + code[:-1]) * 0.5, code, torch.rand(10_007) * 2 - 1]).float()
+        ref, fast = torch.empty(x.numel(), dtype=torch.uint8), torch.empty(x.numel(), dtype=torch.uint8)
+        C.code8_encode(x.data_ptr(), x.numel(), True, ref.data_ptr(), "ref")
+        C.code8_encode(x.data_ptr(), x.numel(), True, fast.data_ptr(), "fast")
+        assert torch.equal(ref, fast)
+    finally:
+        C.set_force_avx2(False)
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 def test_page_size_does_not_change_results(bits):
     base = _run_kernels(bits, torch.float32, 33_333, page_size=1 << 20, impls=("fast",))[0]

@@ -1,5 +1,6 @@
 // Dispatch for the CPU fused AdamW update: argument checks, the page walk (one OpenMP region over
-// the 256-aligned chunks of every page; a chunk never straddles a page), AVX2 or scalar per chunk, the scalar reference for tails and partial blocks.
+// the 256-aligned chunks of every page; a chunk never straddles a page), AVX-512 (use_avx512()), AVX2
+// or scalar per chunk, the scalar reference for tails and partial blocks.
 // Also builds the fast 8-bit encoder's key table (see Code8Lut in optim.h).
 #include "cpu/optim.h"
 
@@ -69,6 +70,7 @@ Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* 
   if (!param || !grad || !m || !v) return Status::kNullPointer;
   if (s.check() != Status::kOk) return s.check();
   const bool fast = use_avx2();
+  const bool wide = use_avx512();
   // One parallel region over every (page, chunk) pair: chunks never straddle a page, and a single
   // region (no barrier per page) keeps two cores busy even on a loaded machine.
   const int64_t per_page = ceil_div(page_elems, kChunkElems);
@@ -81,7 +83,10 @@ Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* 
     i1 = i1 < n ? i1 : n;
     if (i0 >= i1) continue;
     int64_t i8 = i0;
-    if (fast) {
+    if (wide) {
+      i8 = i0 + (i1 - i0) / 16 * 16;
+      adamw32_elems_avx512(param, grad, dtype, m, v, i0, i8, s);
+    } else if (fast) {
       i8 = i0 + (i1 - i0) / 8 * 8;
       adamw32_elems_avx2(param, grad, dtype, m, v, i0, i8, s);
     }
@@ -99,6 +104,7 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
   const Code8Lut& lut_m = code8_lut(true);
   const Code8Lut& lut_v = code8_lut(false);
   const bool fast = use_avx2() && lut_m.ok && lut_v.ok;
+  const bool wide = fast && use_avx512();
   const int64_t full = n / kOptimBlock;  // full blocks; a partial last one goes to the reference
   const int64_t page_blocks = page_elems / kOptimBlock;
   const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
@@ -110,7 +116,10 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
     int64_t b1 = b0 + kChunkBlocks < page_end ? b0 + kChunkBlocks : page_end;
     b1 = b1 < full ? b1 : full;
     if (b0 >= b1) continue;
-    if (fast)
+    if (wide)
+      adamw8_blocks_avx512(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
+                           lut_v.entry);
+    else if (fast)
       adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
                          lut_v.entry);
     else
@@ -128,8 +137,13 @@ Status code8_encode_cpu(const float* x, int64_t n, bool is_signed, uint8_t* out,
   int64_t i = 0;
   if (fast) {
     if (!use_avx2() || !lut.ok) return Status::kUnsupported;
-    i = n / 8 * 8;
-    code8_encode_avx2(x, i, lut.entry, out);
+    if (use_avx512()) {
+      i = n / 16 * 16;
+      code8_encode_avx512(x, i, lut.entry, out);
+    } else {
+      i = n / 8 * 8;
+      code8_encode_avx2(x, i, lut.entry, out);
+    }
   }
   for (; i < n; ++i) out[i] = code8_encode(code_table(is_signed), x[i]);
   return Status::kOk;

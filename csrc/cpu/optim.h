@@ -44,4 +44,12 @@ void adamw8_blocks_avx2(void* param, const void* grad, DType dtype, uint8_t* qm,
                         const AdamWScalars& s, const uint32_t* lut_m, const uint32_t* lut_v);
 void code8_encode_avx2(const float* x, int64_t n8, const uint32_t* lut, uint8_t* out);
 
+// AVX-512 twins (csrc/cpu/optim_avx512.cpp), used when use_avx512(). [i0, i1) a multiple of 16.
+void adamw32_elems_avx512(void* param, const void* grad, DType dtype, float* m, float* v,
+                          int64_t i0, int64_t i1, const AdamWScalars& s);
+void adamw8_blocks_avx512(void* param, const void* grad, DType dtype, uint8_t* qm, uint8_t* qv,
+                          float* absmax_m, float* absmax_v, int64_t b0, int64_t b1,
+                          const AdamWScalars& s, const uint32_t* lut_m, const uint32_t* lut_v);
+void code8_encode_avx512(const float* x, int64_t n16, const uint32_t* lut, uint8_t* out);
+
 }  // namespace nf4lora
