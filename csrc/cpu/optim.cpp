@@ -6,6 +6,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+
 #include "cpu/cpu_features.h"
 #include "nf4lora/dynamic_map.h"
 #include "nf4lora/layout.h"
@@ -48,6 +50,15 @@ const float* code_table(bool is_signed) { return is_signed ? kDynamicSigned : kD
 
 bool page_ok(int64_t page_elems) { return page_elems > 0 && page_elems % kOptimBlock == 0; }
 
+// Chunk c of the page walk, in units of elements or of 256-blocks: pages of `page` units split
+// into `per_page` chunks of `chunk` units, clipped to the page and to `limit`. [lo, hi) may be empty.
+inline void chunk_range(int64_t c, int64_t per_page, int64_t page, int64_t chunk, int64_t limit,
+                        int64_t* lo, int64_t* hi) {
+  const int64_t page_end = (c / per_page + 1) * page;
+  *lo = (c / per_page) * page + (c % per_page) * chunk;
+  *hi = std::min(std::min(*lo + chunk, page_end), limit);
+}
+
 }  // namespace
 
 const Code8Lut& code8_lut(bool is_signed) {
@@ -77,10 +88,8 @@ Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* 
   const int64_t chunks = ceil_div(n, page_elems) * per_page;
 #pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t page_end = (c / per_page + 1) * page_elems;
-    const int64_t i0 = (c / per_page) * page_elems + (c % per_page) * kChunkElems;
-    int64_t i1 = i0 + kChunkElems < page_end ? i0 + kChunkElems : page_end;
-    i1 = i1 < n ? i1 : n;
+    int64_t i0, i1;
+    chunk_range(c, per_page, page_elems, kChunkElems, n, &i0, &i1);
     if (i0 >= i1) continue;
     int64_t i8 = i0;
     if (wide) {
@@ -111,10 +120,8 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
   const int64_t chunks = ceil_div(full, page_blocks) * per_page;
 #pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t page_end = (c / per_page + 1) * page_blocks;
-    const int64_t b0 = (c / per_page) * page_blocks + (c % per_page) * kChunkBlocks;
-    int64_t b1 = b0 + kChunkBlocks < page_end ? b0 + kChunkBlocks : page_end;
-    b1 = b1 < full ? b1 : full;
+    int64_t b0, b1;
+    chunk_range(c, per_page, page_blocks, kChunkBlocks, full, &b0, &b1);
     if (b0 >= b1) continue;
     if (wide)
       adamw8_blocks_avx512(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
