@@ -51,6 +51,16 @@ class NF4Tensor:
         self.offset = float(offset)
         self.shape, self.dtype, self.blocksize = shape, dtype, int(blocksize)
 
+    @classmethod
+    def _wrap(cls, packed, absmax, shape, dtype, blocksize, absmax2=None, code8=None, offset=0.0):
+        """Internal: wrap tensors that were validated when they were stored (QLoRALinear's own
+        buffers), without re-checking them on every forward. The ops still check the state before
+        any kernel reads it."""
+        self = cls.__new__(cls)
+        self.packed, self.absmax, self.absmax2, self.code8 = packed.reshape(-1), absmax, absmax2, code8
+        self.offset, self.shape, self.dtype, self.blocksize = offset, torch.Size(shape), dtype, blocksize
+        return self
+
     # ------------------------------------------------------------------ properties
     @property
     def double_quant(self) -> bool:

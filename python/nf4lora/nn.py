@@ -194,9 +194,9 @@ class QLoRALinear(nn.Module):
     @property
     def nf4_weight(self) -> NF4Tensor:
         """The frozen weight as an NF4Tensor view of this module's buffers (current device)."""
-        return NF4Tensor(self.weight, self.weight_absmax, (self.out_features, self.in_features),
-                         self.weight_dtype, self.blocksize, self.weight_absmax2, self.weight_code8,
-                         self.weight_offset)
+        return NF4Tensor._wrap(self.weight, self.weight_absmax, (self.out_features, self.in_features),
+                               self.weight_dtype, self.blocksize, self.weight_absmax2,
+                               self.weight_code8, self.weight_offset)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
