@@ -230,18 +230,16 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
 #pragma omp parallel
   {
     std::vector<float> wbuf(static_cast<size_t>(kNB * kKC));
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = std::min(kKC, K - k0);
+    // One reduction chunk of kc columns, run by the whole team: xval(m, k) fills the shared x^T
+    // panels (rows m >= M zero), wrow(n, dst) writes W row n's kc values; then every 96-row block
+    // of y^T accumulates. Used for the K chunks of x W^T and for the LoRA's r extra columns.
+    auto chunk = [&](int64_t kc, bool accumulate, auto&& xval, auto&& wrow) {
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < panels; ++p) {
         float* dst = xpack.data() + p * kKC * 16;
         for (int j = 0; j < 16; ++j) {
           const int64_t m = p * 16 + j;
-          if (m < M) {
-            for (int64_t k = 0; k < kc; ++k) dst[k * 16 + j] = load_as_f32(x, dtype, m * K + k0 + k);
-          } else {
-            for (int64_t k = 0; k < kc; ++k) dst[k * 16 + j] = 0.0f;
-          }
+          for (int64_t k = 0; k < kc; ++k) dst[k * 16 + j] = m < M ? xval(m, k) : 0.0f;
         }
       }
 #pragma omp for schedule(dynamic, 1)
@@ -250,41 +248,28 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
         const int64_t rows6 = (rows + kMR - 1) / kMR * kMR;
         for (int64_t i = 0; i < rows6; ++i) {
           if (i < rows)
-            decode_row_segment(w, t, nlo + i, k0, kc, wbuf.data() + i * kKC);
+            wrow(nlo + i, wbuf.data() + i * kKC);
           else
             std::fill_n(wbuf.data() + i * kKC, kc, 0.0f);
         }
         for (int64_t p = 0; p < panels; ++p)
           for (int64_t i = 0; i < rows6; i += kMR)
             ukernel<kMR>(wbuf.data() + i * kKC, kKC, xpack.data() + p * kKC * 16, 16, kc,
-                         yT + (nlo + i) * Mp + p * 16, Mp, k0 > 0);
+                         yT + (nlo + i) * Mp + p * 16, Mp, accumulate);
       }
+    };
+    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+      const int64_t kc = std::min(kKC, K - k0);
+      chunk(kc, k0 > 0, [&](int64_t m, int64_t k) { return load_as_f32(x, dtype, m * K + k0 + k); },
+            [&](int64_t n, float* dst) { decode_row_segment(w, t, n, k0, kc, dst); });
     }
-    if (u != nullptr) {
-      // LoRA as r extra K columns: A operand = s * B rows, B operand = u^T micro-panels.
-      for (int64_t j0 = 0; j0 < r; j0 += kKC) {
-        const int64_t rc = std::min(kKC, r - j0);
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; ++p) {
-          float* dst = xpack.data() + p * kKC * 16;
-          for (int j = 0; j < 16; ++j) {
-            const int64_t m = p * 16 + j;
-            for (int64_t k = 0; k < rc; ++k) dst[k * 16 + j] = m < M ? u[m * r + j0 + k] : 0.0f;
-          }
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t nb = 0; nb < nblocks; ++nb) {
-          const int64_t nlo = nb * kNB, rows = std::min(kNB, N - nlo);
-          const int64_t rows6 = (rows + kMR - 1) / kMR * kMR;
-          for (int64_t i = 0; i < rows6; ++i)
-            for (int64_t k = 0; k < rc; ++k)
-              wbuf[i * kKC + k] = i < rows ? scaling * B[(nlo + i) * r + j0 + k] : 0.0f;
-          for (int64_t p = 0; p < panels; ++p)
-            for (int64_t i = 0; i < rows6; i += kMR)
-              ukernel<kMR>(wbuf.data() + i * kKC, kKC, xpack.data() + p * kKC * 16, 16, rc,
-                           yT + (nlo + i) * Mp + p * 16, Mp, true);
-        }
-      }
+    // LoRA as r extra K columns: A operand = s * B rows, B operand = u^T micro-panels.
+    for (int64_t j0 = 0; u != nullptr && j0 < r; j0 += kKC) {
+      const int64_t rc = std::min(kKC, r - j0);
+      chunk(rc, true, [&](int64_t m, int64_t k) { return u[m * r + j0 + k]; },
+            [&](int64_t n, float* dst) {
+              for (int64_t k = 0; k < rc; ++k) dst[k] = scaling * B[n * r + j0 + k];
+            });
     }
   }
 }
