@@ -61,30 +61,98 @@ def test_unsigned_dynamic_map_matches_bitsandbytes():
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.skipif(not C.has_avx2(), reason="needs AVX2")
-@pytest.mark.parametrize("signed", [True, False])
-def test_fast_encoder_matches_search(signed):
-    """The AVX2 key-table encoder returns exactly code8_encode's index, ties included."""
-    assert C.code8_lut_ok(signed)
-    code = dynamic_map(signed=signed)
-    mid = (code[1:] + code[:-1]) * 0.5
-    g = torch.Generator().manual_seed(0)
-    r = torch.rand(400_000, generator=g)
-    parts = [mid, code, torch.nextafter(mid, torch.full_like(mid, 2.0)),
-             torch.nextafter(mid, torch.full_like(mid, -2.0)),
-             r * 2 - 1 if signed else r, (r * 2 - 1) * torch.exp(-25 * torch.rand(400_000, generator=g)),
-             torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1.5, -1.5])]
-    x = torch.cat(parts).float().contiguous()
-    if not signed:
-        x = x.abs()
+def _encoder_isa(isa):
+    """Select the fast encoder under test: 'avx512vbmi' (Code8Arith) or 'avx2' (Code8Lut)."""
+    if not C.has_avx2():
+        pytest.skip("needs AVX2")
+    if isa == "avx512vbmi" and not C.has_avx512vbmi():
+        pytest.skip("needs AVX-512 + VBMI")
+    C.set_force_avx2(isa == "avx2")
+    assert C.uses_avx512vbmi() == (isa == "avx512vbmi")
+
+
+def _encode_both(x, signed):
     ref = torch.empty(x.numel(), dtype=torch.uint8)
     fast = torch.empty_like(ref)
     C.code8_encode(x.data_ptr(), x.numel(), signed, ref.data_ptr(), "ref")
     C.code8_encode(x.data_ptr(), x.numel(), signed, fast.data_ptr(), "fast")
+    return ref, fast
+
+
+@pytest.mark.parametrize("isa", ["avx512vbmi", "avx2"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fast_encoder_matches_search(signed, isa):
+    """The fast encoders return exactly code8_encode's index, ties included: every midpoint, the
+    floats next to it, every code, random values over all scales, specials."""
+    _encoder_isa(isa)
+    try:
+        assert C.code8_lut_ok(signed) if isa == "avx2" else C.code8_arith_info(signed)["ok"]
+        code = dynamic_map(signed=signed)
+        mid = (code[1:] + code[:-1]) * 0.5
+        g = torch.Generator().manual_seed(0)
+        r = torch.rand(400_000, generator=g)
+        up, down = torch.full_like(mid, 2.0), torch.full_like(mid, -2.0)
+        parts = [mid, code, torch.nextafter(mid, up), torch.nextafter(mid, down),
+                 torch.nextafter(torch.nextafter(mid, up), up),
+                 torch.nextafter(torch.nextafter(mid, down), down),
+                 r * 2 - 1 if signed else r, (r * 2 - 1) * torch.exp(-25 * torch.rand(400_000, generator=g)),
+                 torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-38, -1e-38, 1.5, -1.5, 1.0000001, 0.99999994,
+                               2.0 ** -30, 2.0 ** -31, 1e-45])]
+        x = torch.cat(parts).float().contiguous()
+        if not signed:
+            x = x.abs()
+        ref, fast = _encode_both(x, signed)
+        assert torch.equal(ref, fast)
+        # and the pure-torch search agrees too
+        from nf4lora.backends.default import code8_encode
+        assert torch.equal(code8_encode(x, code), ref)
+    finally:
+        C.set_force_avx2(False)
+
+
+def test_arith_encoder_tables():
+    """Code8Arith's proofs pass for both codes, with a tiny uncertainty band (units of 2^-16 of an
+    index): the lanes it leaves to the scalar search are rare."""
+    for signed in (True, False):
+        info = C.code8_arith_info(signed)
+        assert info["ok"] and 0 < info["near"] <= 8 and info["max_err"] < info["near"]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_arith_encoder_outside_its_range(signed):
+    """Values the optimizer never produces (|x| > 1.5, Inf, NaN, negatives for the unsigned code)
+    still get code8_encode's answer: those lanes take the scalar search."""
+    if not C.has_avx512vbmi():
+        pytest.skip("needs AVX-512 + VBMI")
+    x = torch.tensor([1.5000001, -1.75, 2.0, -3.0, 1e30, -1e30, float("inf"), -float("inf"), float("nan"),
+                      -0.5, -1e-7, -0.0] * 3, dtype=torch.float32)
+    ref, fast = _encode_both(x, signed)
     assert torch.equal(ref, fast)
-    # and the pure-torch search agrees too
-    from nf4lora.backends.default import code8_encode
-    assert torch.equal(code8_encode(x, code), ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signed", [True, False])
+def test_arith_encoder_exhaustive(signed):
+    """Every float32 in [2^-31, 1.0000005] (2.6e8 bit patterns) plus 0 and all subnormals (below
+    2^-30 the encoder sees one binade), and their negations for the signed code: the AVX-512
+    encoder equals code8_encode. A few seconds per code."""
+    if not C.has_avx512vbmi():
+        pytest.skip("needs AVX-512 + VBMI")
+    top = int(torch.tensor(1.0000005).view(torch.int32))
+    lo = int(torch.tensor(2.0 ** -31).view(torch.int32))
+    chunk = 1 << 24
+    ref = torch.empty(chunk, dtype=torch.uint8)
+    fast = torch.empty_like(ref)
+    starts = [0] + list(range(lo, top, chunk))  # bit patterns; [0, chunk) holds 0 and the subnormals
+    for start in starts:
+        bits = torch.arange(start, min(start + chunk, top), dtype=torch.int32)
+        for sign in ((1, -1) if signed else (1,)):
+            x = bits.view(torch.float32) * sign
+            n = x.numel()
+            C.code8_encode(x.data_ptr(), n, signed, ref.data_ptr(), "ref")
+            C.code8_encode(x.data_ptr(), n, signed, fast.data_ptr(), "fast")
+            bad = (ref[:n] != fast[:n]).nonzero()
+            assert bad.numel() == 0, f"x = {x[bad[0]].item()!r}: ref {ref[bad[0]].item()} fast {fast[bad[0]].item()}"
 
 
 # ----------------------------------------------------------------------------- kernels: bit-exact
@@ -142,8 +210,9 @@ def test_scalar_fallback_matches(bits):
 @pytest.mark.parametrize("bits", [32, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_isa_paths_bit_exact(isa, bits, dtype):
-    """The AVX-512 kernels (optim_avx512.cpp) and the forced-AVX2 path both match the scalar ref,
-    with sizes that leave 16-lane and 8-lane tails; also the 16-lane key-table encoder."""
+    """The AVX-512 kernels (optim_avx512.cpp; 8-bit: optim8_avx512vbmi.cpp where the CPU has VBMI)
+    and the forced-AVX2 path both match the scalar ref, with sizes that leave 16-lane and 8-lane
+    tails; also the encoders."""
     if isa == "avx512" and not C.has_avx512():
         pytest.skip("needs AVX-512")
     C.set_force_avx2(isa == "avx2")

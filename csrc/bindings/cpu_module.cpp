@@ -14,7 +14,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512", &nf4lora::cpu_has_avx512, "CPU has AVX-512 F + BW + VL + DQ");
   m.def("set_force_avx2", &nf4lora::set_force_avx2,
         "Keep the AVX2 kernels on an AVX-512 CPU (tests, benchmarks; env NF4LORA_FORCE_AVX2=1)");
-  m.def("uses_avx512", &nf4lora::use_avx512, "The M <= 4 GEMV currently takes the AVX-512 path");
+  m.def("uses_avx512", &nf4lora::use_avx512,
+        "The AVX-512 kernels (M <= 4 GEMV, 32-bit AdamW) currently run");
+  m.def("has_avx512vbmi", &nf4lora::cpu_has_avx512vbmi, "CPU has AVX-512 (as has_avx512) + VBMI");
+  m.def("uses_avx512vbmi", &nf4lora::use_avx512vbmi,
+        "The AVX-512 + VBMI kernels (8-bit AdamW, its arithmetic encoder) currently run");
   m.def("num_threads", &nf4lora::cpu_num_threads, "OpenMP threads the kernels use");
   m.def(
       "fma_peak_gflops",

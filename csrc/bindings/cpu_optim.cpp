@@ -69,11 +69,25 @@ void register_cpu_optim(py::module_& m) {
         check(st, "code8_encode");
       },
       py::arg("x"), py::arg("n"), py::arg("is_signed"), py::arg("out"), py::arg("impl") = "fast",
-      "Exact-nearest 8-bit dynamic code of float32 x[n] (tests: 'fast' = the AVX2 table encoder)");
+      "Exact-nearest 8-bit dynamic code of float32 x[n] (tests: 'fast' = the AVX-512 arithmetic "
+      "encoder where uses_avx512vbmi(), else the AVX2 key-table encoder)");
 
   m.def(
       "code8_lut_ok", [](bool is_signed) { return code8_lut(is_signed).ok; }, py::arg("is_signed"),
-      "The fast encoder's key table holds at most one midpoint per key (else the scalar path runs)");
+      "The AVX2 encoder's key table holds at most one midpoint per key (else the scalar path runs)");
+  m.def(
+      "code8_arith_info",
+      [](bool is_signed) {
+        const Code8Arith& a = code8_arith(is_signed);
+        py::dict d;
+        d["ok"] = a.ok;
+        d["near"] = a.near;
+        d["max_err"] = a.max_err;
+        return d;
+      },
+      py::arg("is_signed"),
+      "The AVX-512 encoder's tables: ok (all proofs passed, else it is not used), near and max_err "
+      "(in units of 2^-16 of an index)");
 }
 
 }  // namespace nf4lora

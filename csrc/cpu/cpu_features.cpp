@@ -37,6 +37,14 @@ static std::atomic<bool> g_force_avx2{[] {
 }()};
 void set_force_avx2(bool v) { g_force_avx2.store(v); }
 bool use_avx512() { return use_avx2() && cpu_has_avx512() && !g_force_avx2.load(); }
+bool cpu_has_avx512vbmi() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  }();
+  return has;
+}
+bool use_avx512vbmi() { return use_avx512() && cpu_has_avx512vbmi(); }
 int cpu_num_threads() { return omp_get_max_threads(); }
 
 }  // namespace nf4lora

@@ -1,12 +1,14 @@
 // Dispatch for the CPU fused AdamW update: argument checks, the page walk (one OpenMP region over
 // the 256-aligned chunks of every page; a chunk never straddles a page), AVX-512 (use_avx512()), AVX2
 // or scalar per chunk, the scalar reference for tails and partial blocks.
-// Also builds the fast 8-bit encoder's key table (see Code8Lut in optim.h).
+// Also builds the fast 8-bit encoders' tables (Code8Lut, Code8Arith in optim.h).
 #include "cpu/optim.h"
 
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "cpu/cpu_features.h"
 #include "nf4lora/dynamic_map.h"
@@ -46,6 +48,81 @@ void build_lut(const float* code, Code8Lut* t) {
   }
 }
 
+// Code8Arith (see optim.h for the scheme and what is proved here). Leaves t->ok false when any
+// check fails; the caller then keeps the other encoders.
+void build_arith(const float* code, bool is_signed, Code8Arith* t) {
+  using A = Code8Arith;
+  t->ok = false;
+  const int z = is_signed ? 127 : 0;  // index of the code 0.0: positives are z..255
+  if (code[z] != 0.0f) return;
+  float mid[255];
+  for (int j = 0; j < 255; ++j) mid[j] = (code[j + 1] + code[j]) * 0.5f;  // as code8_encode
+  const auto gap = [&](int j) { return static_cast<double>(code[j + 1]) - code[j]; };
+  const auto same_gap = [&](int i, int j) { return std::fabs(gap(i) - gap(j)) <= 1e-3 * gap(i); };
+
+  // Segments: maximal runs of evenly spaced codes; a code whose two gaps differ starts a single.
+  int first[A::kSegments], last[A::kSegments], ns = 0;
+  for (int j0 = z; j0 <= 255;) {
+    int j1 = j0;
+    if (j0 < 255 && (j0 + 1 > 254 || same_gap(j0, j0 + 1)))
+      for (j1 = j0 + 1; j1 + 1 <= 255 && same_gap(j0, j1);) ++j1;
+    if (ns == A::kSegments) return;
+    first[ns] = j0;
+    last[ns] = j1;
+    ++ns;
+    j0 = j1 + 1;
+  }
+
+  const double unit = std::ldexp(1.0, A::kFracBits);  // fixed point: ti = t * 2^kFracBits
+  float max_err = 0.0f;
+  for (int s = 0; s < A::kSegments; ++s) {
+    const int j0 = first[std::min(s, ns - 1)], j1 = last[std::min(s, ns - 1)];
+    double scale = 0.0, offset = -(j0 + 0.5);  // a single code: t = j0 + 0.5 for every x
+    if (j1 > j0) {
+      scale = (j1 - j0) / (static_cast<double>(code[j1]) - code[j0]);
+      offset = code[j0] * scale - 0.5 - j0;
+    }
+    t->scale[s] = static_cast<float>(scale * unit);
+    t->offset[s] = static_cast<float>(offset * unit);
+    t->last[s] = j1;
+    for (int j = j0; j < j1; ++j)  // the midpoint between codes j and j + 1 must give ~ (j + 1)
+      max_err = std::max(max_err, std::fabs(std::fma(mid[j], t->scale[s], -t->offset[s]) -
+                                            static_cast<float>((j + 1) * unit)));
+  }
+  const int near = static_cast<int>(std::ceil(max_err)) + 1;
+  if (near > (1 << (A::kFracBits - 3))) return;
+  // A segment's lowest value (0, or its lower threshold) must not give ti below first - near.
+  for (int s = 0; s < ns; ++s) {
+    const float lowest = s == 0 ? 0.0f : mid[first[s] - 1];
+    if (std::fma(lowest, t->scale[s], -t->offset[s]) < static_cast<float>(first[s] * unit - near))
+      return;
+  }
+  t->near = near;
+  t->max_err = max_err;
+
+  // Binades: key b holds |x| in [2^(b-31), 2^(b-30)) (b = 0: also everything smaller).
+  for (int b = 0; b < A::kBinades; ++b) {
+    const float lo = b == 0 ? 0.0f : std::ldexp(1.0f, b - 31), hi = std::ldexp(1.0f, b - 30);
+    int seg = 0, inside = 0;
+    t->thresh[b] = std::numeric_limits<float>::infinity();
+    for (int s = 1; s < ns; ++s) {
+      // x > th: segment s or above. x == mid is a tie between codes first[s] - 1 and first[s]
+      // that goes to the even one; when that is first[s], compare against the float below.
+      const float m = mid[first[s] - 1];
+      const float th = first[s] % 2 == 0 ? std::nextafter(m, 0.0f) : m;
+      if (th < lo) {
+        seg = s;
+      } else if (th < hi) {
+        ++inside;
+        t->thresh[b] = th;
+      }
+    }
+    if (inside > 1) return;  // two thresholds in one binade: one compare cannot decide
+    t->seg[b] = seg;
+  }
+  t->ok = true;
+}
+
 const float* code_table(bool is_signed) { return is_signed ? kDynamicSigned : kDynamicUnsigned; }
 
 bool page_ok(int64_t page_elems) { return page_elems > 0 && page_elems % kOptimBlock == 0; }
@@ -74,6 +151,22 @@ const Code8Lut& code8_lut(bool is_signed) {
   }();
   return is_signed ? *lut_signed : *lut_unsigned;
 }
+
+const Code8Arith& code8_arith(bool is_signed) {
+  static const Code8Arith* arith_signed = [] {
+    auto* t = new Code8Arith;
+    build_arith(kDynamicSigned, true, t);
+    return t;
+  }();
+  static const Code8Arith* arith_unsigned = [] {
+    auto* t = new Code8Arith;
+    build_arith(kDynamicUnsigned, false, t);
+    return t;
+  }();
+  return is_signed ? *arith_signed : *arith_unsigned;
+}
+
+uint8_t code8_encode_scalar(bool is_signed, float x) { return code8_encode(code_table(is_signed), x); }
 
 Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* v, int64_t n,
                    const AdamWScalars& s, int64_t page_elems) {
@@ -110,10 +203,12 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
   if (n <= 0 || !page_ok(page_elems)) return Status::kBadSize;
   if (!param || !grad || !qm || !qv || !absmax_m || !absmax_v) return Status::kNullPointer;
   if (s.check() != Status::kOk) return s.check();
-  const Code8Lut& lut_m = code8_lut(true);
-  const Code8Lut& lut_v = code8_lut(false);
-  const bool fast = use_avx2() && lut_m.ok && lut_v.ok;
-  const bool wide = fast && use_avx512();
+  // AVX-512 + VBMI with the arithmetic encoder, else AVX2 with the key tables (built on first use
+  // only: 2 x 256 KB), else the scalar reference.
+  const bool wide = use_avx512vbmi() && code8_arith(true).ok && code8_arith(false).ok;
+  const Code8Lut* lut_m = wide || !use_avx2() ? nullptr : &code8_lut(true);
+  const Code8Lut* lut_v = wide || !use_avx2() ? nullptr : &code8_lut(false);
+  const bool fast = lut_m && lut_v && lut_m->ok && lut_v->ok;
   const int64_t full = n / kOptimBlock;  // full blocks; a partial last one goes to the reference
   const int64_t page_blocks = page_elems / kOptimBlock;
   const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
@@ -124,11 +219,10 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
     chunk_range(c, per_page, page_blocks, kChunkBlocks, full, &b0, &b1);
     if (b0 >= b1) continue;
     if (wide)
-      adamw8_blocks_avx512(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
-                           lut_v.entry);
+      adamw8_blocks_avx512vbmi(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s);
     else if (fast)
-      adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m.entry,
-                         lut_v.entry);
+      adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m->entry,
+                         lut_v->entry);
     else
       adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, b0, b1, s);
   }
@@ -143,10 +237,11 @@ Status code8_encode_cpu(const float* x, int64_t n, bool is_signed, uint8_t* out,
   const Code8Lut& lut = code8_lut(is_signed);
   int64_t i = 0;
   if (fast) {
-    if (!use_avx2() || !lut.ok) return Status::kUnsupported;
-    if (use_avx512()) {
+    if (use_avx512vbmi() && code8_arith(is_signed).ok) {
       i = n / 16 * 16;
-      code8_encode_avx512(x, i, lut.entry, out);
+      code8_encode_avx512vbmi(x, i, is_signed, out);
+    } else if (!use_avx2() || !lut.ok) {
+      return Status::kUnsupported;
     } else {
       i = n / 8 * 8;
       code8_encode_avx2(x, i, lut.entry, out);
