@@ -6,7 +6,8 @@
     python bench/bench_optim.py --quick    1M, few repeats (smoke test)
 
 One table: size, impl, ms/step (median of repeats after warm-up), GB/s, state MB, speed-up vs
-torch fused measured in the same run. GB/s counts the bytes a single fused pass must move:
+torch fused measured in the same run: the repeats interleave the implementations (one step of
+each in turn), so this shared machine's drift hits all of them alike. GB/s counts the bytes a single fused pass must move:
 param read+write, grad read, state read+write = 28 B/param with fp32 state, 16 B/param + absmax
 with 8-bit state (the same model for every implementation, so GB/s is proportional to speed; a
 multi-pass implementation really moves more). The gradient is refreshed from a pool of several
@@ -57,22 +58,38 @@ def _impls(include_bnb):
     return out
 
 
-def bench_one(n, make, warmup, repeats, grad_pool):
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(n))
-    opt = make([p])
-    times = []
-    for i in range(warmup + repeats):
-        p.grad = grad_pool[i % len(grad_pool)]
-        t0 = time.perf_counter()
-        opt.step()
-        dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-    state = _state_bytes(opt)
-    del opt, p
+def bench_size(n, impls, warmup, repeats, grad_pool):
+    """Median step time of every implementation at one size, measured side by side: each repeat
+    steps every optimizer once, in turn, so drift on this shared machine hits all of them alike.
+    Returns {name: (seconds, state bytes, bits)}; a failing implementation is reported and dropped."""
+    live = {}
+    for name, bits, make, reps in impls:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(n))
+        try:
+            opt = make([p])
+        except Exception as e:  # pragma: no cover - baseline may not run here
+            print(f"{n / 1e6:>7.0f}M  {name:<28} failed: {type(e).__name__}: {e}")
+            continue
+        live[name] = (p, opt, bits, reps, [])
+    for i in range(warmup + max(r for *_, r, _ in live.values())):
+        for name, (p, opt, bits, reps, times) in list(live.items()):
+            if i >= warmup + reps:
+                continue
+            p.grad = grad_pool[i % len(grad_pool)]
+            t0 = time.perf_counter()
+            try:
+                opt.step()
+            except Exception as e:  # pragma: no cover
+                print(f"{n / 1e6:>7.0f}M  {name:<28} failed: {type(e).__name__}: {e}")
+                del live[name]
+                continue
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    out = {name: (statistics.median(t), _state_bytes(opt), bits) for name, (p, opt, bits, _, t) in live.items()}
+    live.clear()
     gc.collect()
-    return statistics.median(times), state
+    return out
 
 
 def main(argv=None):
@@ -85,27 +102,24 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     sizes = [1_000_000] if args.quick else [10_000_000] + ([100_000_000] if args.large else [])
-    repeats = args.repeats or (3 if args.quick else 7)
+    repeats = args.repeats or (3 if args.quick else 15)
+    C = nl._native._C
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
-          f"nf4lora OpenMP threads {nl._native._C.num_threads()}, AVX2 {nl._native._C.uses_avx2()}")
+          f"nf4lora OpenMP threads {C.num_threads()}, AVX2 {C.uses_avx2()}, "
+          f"AVX-512 {C.uses_avx512()}, AVX-512+VBMI (8-bit kernel) {C.uses_avx512vbmi()}")
     header = f"{'params':>8}  {'impl':<28} {'ms/step':>9} {'GB/s':>7} {'state MB':>9} {'vs fused':>9}"
     print(header)
     print("-" * len(header))
     rows = []
     for n in sizes:
         pool = [torch.randn(n) for _ in range(3)]
-        results = {}
+        impls = []
         for name, bits, make in _impls(not args.no_bnb):
             is_bnb = name.startswith("bitsandbytes")
             if is_bnb and n > 20_000_000 and not args.bnb_large:
                 continue
-            reps = max(2, repeats // 3) if is_bnb else repeats
-            try:
-                t, state = bench_one(n, make, warmup=1 if is_bnb else 2, repeats=reps, grad_pool=pool)
-            except Exception as e:  # pragma: no cover - baseline may not run here
-                print(f"{n / 1e6:>7.0f}M  {name:<28} failed: {type(e).__name__}: {e}")
-                continue
-            results[name] = (t, state, bits)
+            impls.append((name, bits, make, max(2, repeats // 3) if is_bnb else repeats))
+        results = bench_size(n, impls, warmup=2, repeats=repeats, grad_pool=pool)
         fused = results.get("torch AdamW fused", (float("nan"),))[0]
         for name, (t, state, bits) in results.items():
             gbs = n * _bytes_per_param(bits) / t / 1e9
