@@ -231,6 +231,47 @@ def test_isa_paths_bit_exact(isa, bits, dtype):
         C.set_force_avx2(False)
 
 
+def _same_nan_aware(a, b):
+    if a.dtype.is_floating_point:
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_nonfinite_grads_same_on_every_backend(bits, isa):
+    """Inf and NaN gradients ruin the state (as in torch), but every backend ruins it the same way:
+    the 8-bit block absmax ignores NaN everywhere, NaN/Inf values take the same codes."""
+    if isa == "avx512" and not C.has_avx512():
+        pytest.skip("needs AVX-512")
+    n = 4096 * 3 + 77
+    C.set_force_avx2(isa == "avx2")
+    try:
+        outs = []
+        for impl in ("fast", "ref", "default"):
+            torch.manual_seed(0)
+            p = torch.randn(n)
+            st = _state8(n) if bits == 8 else _state32(n)
+            for t in range(1, 4):
+                g = torch.randn(n)
+                g[100], g[5000], g[n - 3] = float("inf"), float("nan") if t == 2 else -float("inf"), float("nan")
+                args = _hp_args(t, 1024)
+                if impl == "default":
+                    fn = optim_default.adamw8bit_step if bits == 8 else optim_default.adamw_step
+                    fn(p, g, *st, *args)
+                else:
+                    fn = optim_cpu.adamw8bit_step if bits == 8 else optim_cpu.adamw_step
+                    fn(p, g, *st, *args, impl=impl)
+            outs.append([p] + st)
+        fast, ref, default = outs
+        assert ref[0].isnan().any()
+        for name, out in (("fast", fast), ("default", default)):
+            for i, (x, y) in enumerate(zip(out, ref)):
+                assert _same_nan_aware(x, y), f"{name} vs ref: tensor {i} differs"
+    finally:
+        C.set_force_avx2(False)
+
+
 @pytest.mark.parametrize("bits", [32, 8])
 def test_page_size_does_not_change_results(bits):
     base = _run_kernels(bits, torch.float32, 33_333, page_size=1 << 20, impls=("fast",))[0]

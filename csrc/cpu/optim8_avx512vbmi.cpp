@@ -174,8 +174,9 @@ void adamw8_blocks_avx512vbmi(void* param, const void* grad, DType dtype, uint8_
           store16(param, dtype, i, p);
           _mm512_store_ps(cur_m + j + 16 * c, M[c]);
           _mm512_store_ps(cur_v + j + 16 * c, V[c]);
-          amax_m = _mm512_max_ps(amax_m, abs16(M[c]));
-          amax_v = _mm512_max_ps(amax_v, abs16(V[c]));
+          // maxps(a, b) = a > b ? a : b: with |m| first a NaN never enters (as the reference)
+          amax_m = _mm512_max_ps(abs16(M[c]), amax_m);
+          amax_v = _mm512_max_ps(abs16(V[c]), amax_v);
         }
         if (encode) {
           encode16<true>(_mm512_mul_ps(_mm512_load_ps(prev_m + j + 16 * c), inv_m), enc_m,

@@ -112,8 +112,9 @@ void adamw8_blocks_avx2(void* param, const void* grad, DType dtype, uint8_t* qm,
       avx2::store8(param, dtype, i, p);
       _mm256_store_ps(mb + j, mm);
       _mm256_store_ps(vb + j, vv);
-      amax_m = _mm256_max_ps(amax_m, abs8(mm));
-      amax_v = _mm256_max_ps(amax_v, abs8(vv));
+      // maxps(a, b) = a > b ? a : b: with |m| first a NaN never enters (as the reference)
+      amax_m = _mm256_max_ps(abs8(mm), amax_m);
+      amax_v = _mm256_max_ps(abs8(vv), amax_v);
     }
     const float am = avx2::hmax(amax_m), av = avx2::hmax(amax_v);
     absmax_m[b] = am;

@@ -16,7 +16,7 @@
 //   v  = v * b2 + ((1 - b2) * g) * g             (torch's mul_ + addcmul_ form)
 //   p  = p - step_size * (m / (sqrt(v) / sqrt(1 - b2^t) + eps)),   step_size = lr / (1 - b1^t)
 // 8-bit, per block of 256: dequantize m and v, update in float32 (the parameter step uses the
-// unrounded float32 m and v), new absmax = max |m| (resp. v) over the block, requantize
+// unrounded float32 m and v), new absmax = max |m| (resp. v) over the block (NaN ignored), requantize
 // x = value * (1 / max(absmax, 1e-38)) to the exact-nearest code (code8_encode).
 #pragma once
 #include <cmath>

@@ -62,6 +62,11 @@ def quantize_state(x, code, absmax):
     return code8_encode((x * inv[:, None]).reshape(-1), code)
 
 
+def _block_absmax(x):
+    """max |x| per block, NaN ignored (0 for an all-NaN block), as every kernel computes it."""
+    return torch.where(x.isnan(), 0.0, x.abs()).amax(dim=1)
+
+
 def adamw8bit_step(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, lr, beta1,
                    beta2, eps, weight_decay, step, page_size):
     check_hyper(lr, beta1, beta2, eps, weight_decay, step, page_size)
@@ -83,8 +88,8 @@ def adamw8bit_step(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_
     m = code_m[qm] * exp_avg_absmax.to(dev)[:, None]
     v = code_v[qv] * exp_avg_sq_absmax.to(dev)[:, None]
     p1, m1, v1 = adamw_math(p, g, m, v, k)
-    am = m1.abs().amax(dim=1)
-    av = v1.abs().amax(dim=1)
+    am = _block_absmax(m1)
+    av = _block_absmax(v1)
     param.detach().copy_(p1.reshape(-1)[:n].view(param.shape))
     exp_avg.copy_(quantize_state(m1, code_m, am)[:n])
     exp_avg_sq.copy_(quantize_state(v1, code_v, av)[:n])
