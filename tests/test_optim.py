@@ -299,6 +299,56 @@ def test_opcheck(bits):
     torch.library.opcheck(op, (p, grad, *st, *_hp_args(1)))
 
 
+def _multi_case(bits, n_list, dtypes):
+    g = torch.Generator().manual_seed(7)
+    params = [torch.randn(n, generator=g).to(dt) for n, dt in zip(n_list, dtypes)]
+    grads = [torch.randn(n, generator=g).to(dt) for n, dt in zip(n_list, dtypes)]
+    states = [_state8(n) if bits == 8 else _state32(n) for n in n_list]
+    return params, grads, states
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_multi_tensor_op_matches_single(bits):
+    """The multi-tensor op (one OpenMP region over a whole list: mixed sizes incl. partial blocks,
+    mixed dtypes, a non-contiguous param) gives exactly what the single-tensor op gives."""
+    sizes = [5000, 100, 256, 4096 * 5 + 3, 70_001, 1]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float32, torch.float32]
+    pa, ga, sa = _multi_case(bits, sizes, dtypes)
+    pb, gb, sb = _multi_case(bits, sizes, dtypes)
+    pa[2] = pa[2].view(16, 16).t()  # non-contiguous: the single-tensor path inside the multi op
+    pb[2] = pb[2].view(16, 16).t()
+    ga[2], gb[2] = ga[2].view(16, 16), gb[2].view(16, 16)
+    single = torch.ops.nf4lora.adamw8bit_step if bits == 8 else torch.ops.nf4lora.adamw_step
+    multi = torch.ops.nf4lora.adamw8bit_step_multi if bits == 8 else torch.ops.nf4lora.adamw_step_multi
+    for t in (1, 2, 3):
+        for p, g, st in zip(pa, ga, sa):
+            single(p, g, *st, *_hp_args(t, 1024))
+        multi(pb, gb, *[list(x) for x in zip(*sb)], *_hp_args(t, 1024))
+    for i in range(len(sizes)):
+        _assert_same([pa[i]] + sa[i], [pb[i]] + sb[i], f"tensor {i}")
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_multi_tensor_op_checks_everything_first(bits):
+    """A bad tensor anywhere in the list raises (naming what is wrong) before any tensor changes."""
+    params, grads, states = _multi_case(bits, [3000, 5000, 4000], [torch.float32] * 3)
+    states[2][0] = states[2][0][:-1].clone()  # exp_avg one element short
+    before = [p.clone() for p in params]
+    multi = torch.ops.nf4lora.adamw8bit_step_multi if bits == 8 else torch.ops.nf4lora.adamw_step_multi
+    with pytest.raises(ValueError, match="exp_avg"):
+        multi(params, grads, *[list(x) for x in zip(*states)], *_hp_args(1))
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    with pytest.raises(ValueError, match="grads has 2 tensors"):
+        multi(params, grads[:2], *[list(x) for x in zip(*states)], *_hp_args(1))
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_multi_opcheck(bits):
+    params, grads, states = _multi_case(bits, [5000, 300], [torch.float32, torch.bfloat16])
+    multi = torch.ops.nf4lora.adamw8bit_step_multi if bits == 8 else torch.ops.nf4lora.adamw_step_multi
+    torch.library.opcheck(multi, (params, grads, *[list(x) for x in zip(*states)], *_hp_args(1)))
+
+
 # ----------------------------------------------------------------------------- vs torch.optim.AdamW
 
 

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu/cpu_features.h"
 #include "nf4lora/dynamic_map.h"
@@ -168,40 +169,78 @@ const Code8Arith& code8_arith(bool is_signed) {
 
 uint8_t code8_encode_scalar(bool is_signed, float x) { return code8_encode(code_table(is_signed), x); }
 
-Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* v, int64_t n,
-                   const AdamWScalars& s, int64_t page_elems) {
-  if (n <= 0 || !page_ok(page_elems)) return Status::kBadSize;
-  if (!param || !grad || !m || !v) return Status::kNullPointer;
+namespace {
+
+// The work list of a multi-tensor call: tensor i contributes items[i] work items (its pages' chunks,
+// plus for 8-bit a last item for a partial block); start[i] = items of tensors before i.
+struct WorkList {
+  std::vector<int64_t> start;
+  int64_t total = 0;
+  template <class ItemsOf>
+  WorkList(int64_t count, ItemsOf items_of) : start(static_cast<size_t>(count) + 1, 0) {
+    for (int64_t i = 0; i < count; ++i) start[i + 1] = start[i] + items_of(i);
+    total = start[count];
+  }
+  // (tensor, item within it) of global item c
+  void locate(int64_t c, int64_t* tensor, int64_t* item) const {
+    *tensor = std::upper_bound(start.begin(), start.end(), c) - start.begin() - 1;
+    *item = c - start[*tensor];
+  }
+};
+
+}  // namespace
+
+Status adamw32_cpu_multi(const AdamW32Tensor* ts, int64_t count, DType dtype, const AdamWScalars& s,
+                         int64_t page_elems) {
+  if (count < 0 || !page_ok(page_elems)) return Status::kBadSize;
+  if (count > 0 && !ts) return Status::kNullPointer;
+  for (int64_t i = 0; i < count; ++i) {
+    if (ts[i].n <= 0) return Status::kBadSize;
+    if (!ts[i].param || !ts[i].grad || !ts[i].m || !ts[i].v) return Status::kNullPointer;
+  }
   if (s.check() != Status::kOk) return s.check();
   const bool fast = use_avx2();
   const bool wide = use_avx512();
-  // One parallel region over every (page, chunk) pair: chunks never straddle a page, and a single
-  // region (no barrier per page) keeps two cores busy even on a loaded machine.
+  // One parallel region over every (tensor, page, chunk): chunks never straddle a page, and a
+  // single region (no barrier per page or tensor) keeps two cores busy even on a loaded machine.
   const int64_t per_page = ceil_div(page_elems, kChunkElems);
-  const int64_t chunks = ceil_div(n, page_elems) * per_page;
-#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t i0, i1;
-    chunk_range(c, per_page, page_elems, kChunkElems, n, &i0, &i1);
+  const WorkList work(count, [&](int64_t i) { return ceil_div(ts[i].n, page_elems) * per_page; });
+#pragma omp parallel for schedule(dynamic, 1) if (work.total > 1)
+  for (int64_t c = 0; c < work.total; ++c) {
+    int64_t t, item, i0, i1;
+    work.locate(c, &t, &item);
+    const AdamW32Tensor& x = ts[t];
+    chunk_range(item, per_page, page_elems, kChunkElems, x.n, &i0, &i1);
     if (i0 >= i1) continue;
     int64_t i8 = i0;
     if (wide) {
       i8 = i0 + (i1 - i0) / 16 * 16;
-      adamw32_elems_avx512(param, grad, dtype, m, v, i0, i8, s);
+      adamw32_elems_avx512(x.param, x.grad, dtype, x.m, x.v, i0, i8, s);
     } else if (fast) {
       i8 = i0 + (i1 - i0) / 8 * 8;
-      adamw32_elems_avx2(param, grad, dtype, m, v, i0, i8, s);
+      adamw32_elems_avx2(x.param, x.grad, dtype, x.m, x.v, i0, i8, s);
     }
-    adamw32_elems_ref(param, grad, dtype, m, v, i8, i1, s);
+    adamw32_elems_ref(x.param, x.grad, dtype, x.m, x.v, i8, i1, s);
   }
   return Status::kOk;
 }
 
-Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8_t* qv,
-                  float* absmax_m, float* absmax_v, int64_t n, const AdamWScalars& s,
-                  int64_t page_elems) {
-  if (n <= 0 || !page_ok(page_elems)) return Status::kBadSize;
-  if (!param || !grad || !qm || !qv || !absmax_m || !absmax_v) return Status::kNullPointer;
+Status adamw32_cpu(void* param, const void* grad, DType dtype, float* m, float* v, int64_t n,
+                   const AdamWScalars& s, int64_t page_elems) {
+  const AdamW32Tensor t{param, grad, m, v, n};
+  return adamw32_cpu_multi(&t, 1, dtype, s, page_elems);
+}
+
+Status adamw8_cpu_multi(const AdamW8Tensor* ts, int64_t count, DType dtype, const AdamWScalars& s,
+                        int64_t page_elems) {
+  if (count < 0 || !page_ok(page_elems)) return Status::kBadSize;
+  if (count > 0 && !ts) return Status::kNullPointer;
+  for (int64_t i = 0; i < count; ++i) {
+    const AdamW8Tensor& x = ts[i];
+    if (x.n <= 0) return Status::kBadSize;
+    if (!x.param || !x.grad || !x.qm || !x.qv || !x.absmax_m || !x.absmax_v)
+      return Status::kNullPointer;
+  }
   if (s.check() != Status::kOk) return s.check();
   // AVX-512 + VBMI with the arithmetic encoder, else AVX2 with the key tables (built on first use
   // only: 2 x 256 KB), else the scalar reference.
@@ -209,26 +248,41 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
   const Code8Lut* lut_m = wide || !use_avx2() ? nullptr : &code8_lut(true);
   const Code8Lut* lut_v = wide || !use_avx2() ? nullptr : &code8_lut(false);
   const bool fast = lut_m && lut_v && lut_m->ok && lut_v->ok;
-  const int64_t full = n / kOptimBlock;  // full blocks; a partial last one goes to the reference
+  // Items of tensor i: the chunks of its full blocks, page by page, then one item for a partial
+  // last block (the scalar reference does it).
   const int64_t page_blocks = page_elems / kOptimBlock;
   const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
-  const int64_t chunks = ceil_div(full, page_blocks) * per_page;
-#pragma omp parallel for schedule(dynamic, 1) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    int64_t b0, b1;
-    chunk_range(c, per_page, page_blocks, kChunkBlocks, full, &b0, &b1);
+  const auto full_items = [&](int64_t i) { return ceil_div(ts[i].n / kOptimBlock, page_blocks) * per_page; };
+  const WorkList work(count, [&](int64_t i) { return full_items(i) + (ts[i].n % kOptimBlock != 0); });
+#pragma omp parallel for schedule(dynamic, 1) if (work.total > 1)
+  for (int64_t c = 0; c < work.total; ++c) {
+    int64_t t, item, b0, b1;
+    work.locate(c, &t, &item);
+    const AdamW8Tensor& x = ts[t];
+    const int64_t full = x.n / kOptimBlock;
+    if (item == full_items(t)) {  // the partial last block
+      adamw8_blocks_ref(x.param, x.grad, dtype, x.qm, x.qv, x.absmax_m, x.absmax_v, x.n, full,
+                        full + 1, s);
+      continue;
+    }
+    chunk_range(item, per_page, page_blocks, kChunkBlocks, full, &b0, &b1);
     if (b0 >= b1) continue;
     if (wide)
-      adamw8_blocks_avx512vbmi(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s);
+      adamw8_blocks_avx512vbmi(x.param, x.grad, dtype, x.qm, x.qv, x.absmax_m, x.absmax_v, b0, b1, s);
     else if (fast)
-      adamw8_blocks_avx2(param, grad, dtype, qm, qv, absmax_m, absmax_v, b0, b1, s, lut_m->entry,
-                         lut_v->entry);
+      adamw8_blocks_avx2(x.param, x.grad, dtype, x.qm, x.qv, x.absmax_m, x.absmax_v, b0, b1, s,
+                         lut_m->entry, lut_v->entry);
     else
-      adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, b0, b1, s);
+      adamw8_blocks_ref(x.param, x.grad, dtype, x.qm, x.qv, x.absmax_m, x.absmax_v, x.n, b0, b1, s);
   }
-  if (full * kOptimBlock < n)
-    adamw8_blocks_ref(param, grad, dtype, qm, qv, absmax_m, absmax_v, n, full, full + 1, s);
   return Status::kOk;
+}
+
+Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8_t* qv,
+                  float* absmax_m, float* absmax_v, int64_t n, const AdamWScalars& s,
+                  int64_t page_elems) {
+  const AdamW8Tensor t{param, grad, qm, qv, absmax_m, absmax_v, n};
+  return adamw8_cpu_multi(&t, 1, dtype, s, page_elems);
 }
 
 Status code8_encode_cpu(const float* x, int64_t n, bool is_signed, uint8_t* out, bool fast) {

@@ -16,6 +16,32 @@ Status adamw8_cpu(void* param, const void* grad, DType dtype, uint8_t* qm, uint8
                   float* absmax_m, float* absmax_v, int64_t n, const AdamWScalars& s,
                   int64_t page_elems);
 
+// Multi-tensor forms: every tensor of the list in ONE OpenMP region (the chunks of all their
+// pages shared out together), as torch's fused AdamW does for a param list. A model's LoRA
+// adapters are hundreds of small tensors: one call each would pay a fork/join and a Python op
+// dispatch per tensor. The tensors share dtype and step constants; each is checked (n > 0, no
+// null pointer) before any is touched. The single-tensor launchers above are count = 1.
+struct AdamW32Tensor {
+  void* param;
+  const void* grad;
+  float* m;
+  float* v;
+  int64_t n;
+};
+struct AdamW8Tensor {
+  void* param;
+  const void* grad;
+  uint8_t* qm;
+  uint8_t* qv;
+  float* absmax_m;
+  float* absmax_v;
+  int64_t n;
+};
+Status adamw32_cpu_multi(const AdamW32Tensor* ts, int64_t count, DType dtype, const AdamWScalars& s,
+                         int64_t page_elems);
+Status adamw8_cpu_multi(const AdamW8Tensor* ts, int64_t count, DType dtype, const AdamWScalars& s,
+                        int64_t page_elems);
+
 // Exact-nearest 8-bit code of x[i] (code8_encode semantics) through the table-driven fast
 // encoder, for tests: the fast kernel's encoder against the reference search. fast=false runs
 // code8_encode itself.

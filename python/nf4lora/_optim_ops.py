@@ -34,6 +34,16 @@ _SCHEMAS = {
         "(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         f"Tensor(d!) exp_avg_absmax, Tensor(e!) exp_avg_sq_absmax, {_HP}) -> ()"
     ),
+    # Multi-tensor forms (PagedAdamW's path): the same update on parallel lists of tensors that
+    # share the hyper-parameters and step; the CPU kernel runs them all in one OpenMP region.
+    "adamw_step_multi": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        f"{_HP}) -> ()"
+    ),
+    "adamw8bit_step_multi": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        f"Tensor(d!)[] exp_avg_absmaxs, Tensor(e!)[] exp_avg_sq_absmaxs, {_HP}) -> ()"
+    ),
 }
 
 for _name, _schema in _SCHEMAS.items():
@@ -105,6 +115,16 @@ def check_step_args(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax=None, exp_a
                          "(state lives with the param, or in host memory for a paged CUDA param)")
 
 
+def check_step_lists(*lists):
+    """The multi-tensor ops' lists: sequences of tensors, all of one length (ValueError/TypeError)."""
+    names = ("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_absmaxs", "exp_avg_sq_absmaxs")
+    n = len(lists[0])
+    for name, lst in zip(names, lists):
+        if len(lst) != n:
+            raise ValueError(f"{name} has {len(lst)} tensors but params has {n}")
+    return n
+
+
 @torch.library.register_fake(f"{LIB}::adamw_step")
 def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step,
                      page_size):
@@ -116,4 +136,23 @@ def _adamw_step_fake(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, we
 def _adamw8bit_step_fake(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, lr,
                          beta1, beta2, eps, weight_decay, step, page_size):
     check_step_args(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax)
+    return None
+
+
+@torch.library.register_fake(f"{LIB}::adamw_step_multi")
+def _adamw_step_multi_fake(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay,
+                           step, page_size):
+    check_step_lists(params, grads, exp_avgs, exp_avg_sqs)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs):
+        check_step_args(*args)
+    return None
+
+
+@torch.library.register_fake(f"{LIB}::adamw8bit_step_multi")
+def _adamw8bit_step_multi_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs,
+                               exp_avg_sq_absmaxs, lr, beta1, beta2, eps, weight_decay, step,
+                               page_size):
+    check_step_lists(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs):
+        check_step_args(*args)
     return None

@@ -4,8 +4,9 @@ State layout (per parameter with n elements; see _optim_ops.py): one flat buffer
 tensor, split logically into pages of `page_size` elements (a multiple of 256). The pages are
 views of that buffer, so a page never straddles an 8-bit block and the state saves as plain tensors.
 
-- CPU parameters: state is ordinary host memory; the update is one fused AVX2/OpenMP pass per page.
-  `paged` changes nothing else on CPU.
+- CPU parameters: state is ordinary host memory; the update is one fused AVX2/AVX-512/OpenMP pass,
+  one parallel region over the pages of every parameter of a group. `paged` changes nothing else
+  on CPU.
 - CUDA parameters, paged=True: state lives in pinned host memory; each step streams the pages
   through three device staging slots with async copies on side streams (page i+1 copies in while
   page i updates and page i-1 copies out), so device memory holds at most three pages of state.
@@ -23,6 +24,8 @@ __all__ = ["PagedAdamW"]
 
 DEFAULT_PAGE_SIZE = 1 << 20  # elements: 8 MiB of fp32 m+v per page, 2 MiB at 8 bits
 _PLACEMENT = ("paged", "page_size")  # group keys load_state_dict leaves as they are
+_STATE32 = ("exp_avg", "exp_avg_sq")
+_STATE8 = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax")
 
 
 def _number(name, v):
@@ -71,6 +74,14 @@ def _check_group(group):
     if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 0:
         raise ValueError(f"min_8bit_size must be an int >= 0, got {mbs!r}")
     return lr, b1, b2, eps, wd
+
+
+def _bad_grad(p, g, where):
+    if g.is_sparse or g.layout != torch.strided:
+        raise TypeError(f"PagedAdamW does not support sparse gradients ({where})")
+    if g.is_complex():
+        raise TypeError(f"PagedAdamW does not support complex gradients ({where})")
+    raise TypeError(f"grad dtype {g.dtype} differs from param dtype {p.dtype} ({where})")
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -154,27 +165,29 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             lr, b1, b2, eps, wd = _check_group(group)
+            # One multi-tensor op per (state kind, device, step): the CPU kernel runs a whole
+            # list in one OpenMP region, instead of one op dispatch and fork/join per tensor.
+            batches = {}
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None or p.numel() == 0:
                     continue
-                where = f"param {pi} of group {gi}, shape {tuple(p.shape)}"
-                if g.is_sparse or g.layout != torch.strided:
-                    raise TypeError(f"PagedAdamW does not support sparse gradients ({where})")
-                if g.is_complex():
-                    raise TypeError(f"PagedAdamW does not support complex gradients ({where})")
-                if g.dtype != p.dtype:
-                    raise TypeError(f"grad dtype {g.dtype} differs from param dtype {p.dtype} ({where})")
+                if g.layout != torch.strided or g.dtype != p.dtype or g.is_complex():
+                    _bad_grad(p, g, f"param {pi} of group {gi}, shape {tuple(p.shape)}")
                 st = self.state[p]
                 if not st:
                     st.update(self._init_state(p, group))
                 st["step"] += 1
-                args = (lr, b1, b2, eps, wd, st["step"], group["page_size"])
-                if st["exp_avg"].dtype == torch.uint8:
-                    torch.ops.nf4lora.adamw8bit_step(p, g, st["exp_avg"], st["exp_avg_sq"],
-                                                     st["exp_avg_absmax"], st["exp_avg_sq_absmax"], *args)
-                else:
-                    torch.ops.nf4lora.adamw_step(p, g, st["exp_avg"], st["exp_avg_sq"], *args)
+                eight = st["exp_avg"].dtype == torch.uint8
+                names = _STATE8 if eight else _STATE32
+                lists = batches.setdefault((eight, p.device, st["step"]), [[] for _ in range(2 + len(names))])
+                lists[0].append(p)
+                lists[1].append(g)
+                for lst, name in zip(lists[2:], names):
+                    lst.append(st[name])
+            for (eight, _, step), lists in batches.items():
+                op = torch.ops.nf4lora.adamw8bit_step_multi if eight else torch.ops.nf4lora.adamw_step_multi
+                op(*lists, lr, b1, b2, eps, wd, step, group["page_size"])
         return loss
 
     # ------------------------------------------------------------------ state dict

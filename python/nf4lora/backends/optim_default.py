@@ -7,7 +7,7 @@ once. The 8-bit scheme requantizes with bitsandbytes' exact-nearest code search 
 """
 import torch
 
-from .._optim_ops import BLOCK, adamw_scalars, check_hyper, check_step_args, n_blocks
+from .._optim_ops import BLOCK, adamw_scalars, check_hyper, check_step_args, check_step_lists, n_blocks
 from ..nf4_format import dynamic_map
 from .default import code8_encode
 
@@ -97,9 +97,25 @@ def adamw8bit_step(param, grad, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_
     exp_avg_sq_absmax.copy_(av)
 
 
+def adamw_step_multi(params, grads, exp_avgs, exp_avg_sqs, *hp):
+    """Any device: the single-tensor op per tensor (each dispatches to its device's kernel)."""
+    check_step_lists(params, grads, exp_avgs, exp_avg_sqs)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs):
+        torch.ops.nf4lora.adamw_step(*args, *hp)
+
+
+def adamw8bit_step_multi(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs,
+                         *hp):
+    check_step_lists(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_absmaxs, exp_avg_sq_absmaxs):
+        torch.ops.nf4lora.adamw8bit_step(*args, *hp)
+
+
 def _register():
     torch.library.register_kernel(OP + "adamw_step", None, adamw_step)
     torch.library.register_kernel(OP + "adamw8bit_step", None, adamw8bit_step)
+    torch.library.register_kernel(OP + "adamw_step_multi", None, adamw_step_multi)
+    torch.library.register_kernel(OP + "adamw8bit_step_multi", None, adamw8bit_step_multi)
 
 
 _register()
