@@ -1,9 +1,10 @@
 """PagedAdamW step time on CPU against torch.optim.AdamW (foreach and fused) and bitsandbytes.
 
-    python bench/bench_optim.py            10M fp32 parameters
-    python bench/bench_optim.py --large    10M and 100M (100M: ~5 GB of RAM, bitsandbytes skipped
-                                           there unless --bnb-large: it runs ~2 s/step per 10M)
-    python bench/bench_optim.py --quick    1M, few repeats (smoke test)
+    python bench/bench_optim.py            10M fp32 parameters in one tensor, and 29M in the 448
+                                           tensors of LoRA r=16 adapters on a 7B model
+    python bench/bench_optim.py --large    also 100M in one tensor (~8 GB of RAM; bitsandbytes
+                                           skipped above 20M unless --bnb-large: ~2 s/step per 10M)
+    python bench/bench_optim.py --quick    1M and 64 LoRA tensors, few repeats (smoke test)
 
 One table: size, impl, ms/step (median of repeats after warm-up), GB/s, state MB, speed-up vs
 torch fused measured in the same run: the repeats interleave the implementations (one step of
@@ -16,6 +17,7 @@ tensors between steps so no step finds its grad in cache. Napkin math: this mach
 """
 import argparse
 import gc
+import math
 import statistics
 import sys
 import time
@@ -58,36 +60,40 @@ def _impls(include_bnb):
     return out
 
 
-def bench_size(n, impls, warmup, repeats, grad_pool):
-    """Median step time of every implementation at one size, measured side by side: each repeat
-    steps every optimizer once, in turn, so drift on this shared machine hits all of them alike.
+def bench_case(shapes, impls, warmup, repeats, n_grad_sets=3):
+    """Median step time of every implementation on one list of parameter shapes, measured side by
+    side: each repeat steps every optimizer once, in turn, so drift on this shared machine hits all
+    of them alike. Gradients rotate through n_grad_sets fresh sets (never in cache).
     Returns {name: (seconds, state bytes, bits)}; a failing implementation is reported and dropped."""
+    grad_sets = [[torch.randn(s) for s in shapes] for _ in range(n_grad_sets)]
     live = {}
     for name, bits, make, reps in impls:
         torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(n))
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
         try:
-            opt = make([p])
+            opt = make(params)
         except Exception as e:  # pragma: no cover - baseline may not run here
-            print(f"{n / 1e6:>7.0f}M  {name:<28} failed: {type(e).__name__}: {e}")
+            print(f"  {name:<28} failed: {type(e).__name__}: {e}")
             continue
-        live[name] = (p, opt, bits, reps, [])
+        live[name] = (params, opt, bits, reps, [])
     for i in range(warmup + max(r for *_, r, _ in live.values())):
-        for name, (p, opt, bits, reps, times) in list(live.items()):
+        for name, (params, opt, bits, reps, times) in list(live.items()):
             if i >= warmup + reps:
                 continue
-            p.grad = grad_pool[i % len(grad_pool)]
+            for p, g in zip(params, grad_sets[i % n_grad_sets]):
+                p.grad = g
             t0 = time.perf_counter()
             try:
                 opt.step()
             except Exception as e:  # pragma: no cover
-                print(f"{n / 1e6:>7.0f}M  {name:<28} failed: {type(e).__name__}: {e}")
+                print(f"  {name:<28} failed: {type(e).__name__}: {e}")
                 del live[name]
                 continue
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
-    out = {name: (statistics.median(t), _state_bytes(opt), bits) for name, (p, opt, bits, _, t) in live.items()}
+    out = {name: (statistics.median(t), _state_bytes(opt), bits) for name, (_, opt, bits, _, t) in live.items()}
     live.clear()
+    del grad_sets
     gc.collect()
     return out
 
@@ -101,33 +107,39 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     args = ap.parse_args(argv)
 
-    sizes = [1_000_000] if args.quick else [10_000_000] + ([100_000_000] if args.large else [])
+    # (label, parameter shapes): one big tensor, and the list a QLoRA run steps: LoRA r=16
+    # adapters (A [16, 4096], B [4096, 16]) on the 7 projections of 32 layers of a 7B model.
+    lora = [(16, 4096), (4096, 16)] * (7 * 32)
+    if args.quick:
+        cases = [("1M", [(1_000_000,)]), ("LoRA 64x64K", lora[:64])]
+    else:
+        cases = [("10M", [(10_000_000,)]), ("LoRA 448x64K", lora)]
+        if args.large:
+            cases.insert(1, ("100M", [(100_000_000,)]))
     repeats = args.repeats or (3 if args.quick else 15)
     C = nl._native._C
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"nf4lora OpenMP threads {C.num_threads()}, AVX2 {C.uses_avx2()}, "
           f"AVX-512 {C.uses_avx512()}, AVX-512+VBMI (8-bit kernel) {C.uses_avx512vbmi()}")
-    header = f"{'params':>8}  {'impl':<28} {'ms/step':>9} {'GB/s':>7} {'state MB':>9} {'vs fused':>9}"
+    header = f"{'params':>13}  {'impl':<28} {'ms/step':>9} {'GB/s':>7} {'state MB':>9} {'vs fused':>9}"
     print(header)
     print("-" * len(header))
     rows = []
-    for n in sizes:
-        pool = [torch.randn(n) for _ in range(3)]
+    for label, shapes in cases:
+        n = sum(math.prod(s) for s in shapes)
         impls = []
         for name, bits, make in _impls(not args.no_bnb):
             is_bnb = name.startswith("bitsandbytes")
             if is_bnb and n > 20_000_000 and not args.bnb_large:
                 continue
             impls.append((name, bits, make, max(2, repeats // 3) if is_bnb else repeats))
-        results = bench_size(n, impls, warmup=2, repeats=repeats, grad_pool=pool)
+        results = bench_case(shapes, impls, warmup=2, repeats=repeats)
         fused = results.get("torch AdamW fused", (float("nan"),))[0]
         for name, (t, state, bits) in results.items():
             gbs = n * _bytes_per_param(bits) / t / 1e9
             ratio = fused / t
-            print(f"{n / 1e6:>7.0f}M  {name:<28} {t * 1e3:>9.2f} {gbs:>7.1f} {state / 2**20:>9.1f} {ratio:>8.2f}x")
-            rows.append((n, name, t, gbs, state, ratio))
-        del pool
-        gc.collect()
+            print(f"{label:>13}  {name:<28} {t * 1e3:>9.2f} {gbs:>7.1f} {state / 2**20:>9.1f} {ratio:>8.2f}x")
+            rows.append((label, name, t, gbs, state, ratio))
     try:  # optional plot
         import matplotlib
         matplotlib.use("Agg")
@@ -135,7 +147,7 @@ def main(argv=None):
         import os
         os.makedirs("bench/results", exist_ok=True)
         fig, ax = plt.subplots(figsize=(8, 4))
-        labels = [f"{r[1]}\n{r[0] / 1e6:.0f}M" for r in rows]
+        labels = [f"{r[1]}\n{r[0]}" for r in rows]
         ax.barh(labels, [r[2] * 1e3 for r in rows])
         ax.set_xlabel("ms / step (lower is better)")
         fig.tight_layout()
