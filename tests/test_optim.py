@@ -326,6 +326,14 @@ def test_multi_tensor_op_matches_single(bits):
         multi(pb, gb, *[list(x) for x in zip(*sb)], *_hp_args(t, 1024))
     for i in range(len(sizes)):
         _assert_same([pa[i]] + sa[i], [pb[i]] + sb[i], f"tensor {i}")
+    # the device-generic kernel (what CUDA tensors get: the single op per tensor) agrees too
+    pc, gc_, sc = _multi_case(bits, sizes, dtypes)
+    pc[2], gc_[2] = pc[2].view(16, 16).t(), gc_[2].view(16, 16)
+    generic = optim_default.adamw8bit_step_multi if bits == 8 else optim_default.adamw_step_multi
+    for t in (1, 2, 3):
+        generic(pc, gc_, *[list(x) for x in zip(*sc)], *_hp_args(t, 1024))
+    for i in range(len(sizes)):
+        _assert_same([pc[i]] + sc[i], [pb[i]] + sb[i], f"generic, tensor {i}")
 
 
 @pytest.mark.parametrize("bits", [32, 8])
