@@ -137,6 +137,14 @@ inline void chunk_range(int64_t c, int64_t per_page, int64_t page, int64_t chunk
   *hi = std::min(std::min(*lo + chunk, page_end), limit);
 }
 
+// Chunks chunk_range yields non-empty for `units` units: the full pages' per_page each, then the
+// last page's (so a small tensor costs one work item per chunk it has, not per_page).
+inline int64_t chunk_count(int64_t units, int64_t page, int64_t chunk, int64_t per_page) {
+  if (units <= 0) return 0;
+  const int64_t full_pages = (units - 1) / page;
+  return full_pages * per_page + ceil_div(units - full_pages * page, chunk);
+}
+
 }  // namespace
 
 const Code8Lut& code8_lut(bool is_signed) {
@@ -204,7 +212,7 @@ Status adamw32_cpu_multi(const AdamW32Tensor* ts, int64_t count, DType dtype, co
   // One parallel region over every (tensor, page, chunk): chunks never straddle a page, and a
   // single region (no barrier per page or tensor) keeps two cores busy even on a loaded machine.
   const int64_t per_page = ceil_div(page_elems, kChunkElems);
-  const WorkList work(count, [&](int64_t i) { return ceil_div(ts[i].n, page_elems) * per_page; });
+  const WorkList work(count, [&](int64_t i) { return chunk_count(ts[i].n, page_elems, kChunkElems, per_page); });
 #pragma omp parallel for schedule(dynamic, 1) if (work.total > 1)
   for (int64_t c = 0; c < work.total; ++c) {
     int64_t t, item, i0, i1;
@@ -252,7 +260,9 @@ Status adamw8_cpu_multi(const AdamW8Tensor* ts, int64_t count, DType dtype, cons
   // last block (the scalar reference does it).
   const int64_t page_blocks = page_elems / kOptimBlock;
   const int64_t per_page = ceil_div(page_blocks, kChunkBlocks);
-  const auto full_items = [&](int64_t i) { return ceil_div(ts[i].n / kOptimBlock, page_blocks) * per_page; };
+  const auto full_items = [&](int64_t i) {
+    return chunk_count(ts[i].n / kOptimBlock, page_blocks, kChunkBlocks, per_page);
+  };
   const WorkList work(count, [&](int64_t i) { return full_items(i) + (ts[i].n % kOptimBlock != 0); });
 #pragma omp parallel for schedule(dynamic, 1) if (work.total > 1)
   for (int64_t c = 0; c < work.total; ++c) {
