@@ -290,3 +290,38 @@ def test_prepared_model_deepcopies_and_pickles(base):
     m2.train()
     m2(input_ids=x, labels=x).loss.backward()  # checkpointing still works after unpickling
     assert m2.model.layers[0].self_attn.q_proj.lora_B["default"].weight.grad is not None
+
+
+# ------------------------------------------------------------------------------ LoRA+ (via PEFT)
+def test_loraplus_with_peft_helper_and_paged_adamw(base):
+    """LoRA+ (B learns loraplus_lr_ratio times faster than A): PEFT's create_loraplus_optimizer
+    finds our adapters by their PEFT names and builds a PagedAdamW (8-bit state) with the right
+    groups; a few steps train."""
+    pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    m = nl.apply_qlora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16)
+    nl.prepare_for_training(m, gradient_checkpointing=False)
+    opt = create_loraplus_optimizer(m, nl.PagedAdamW, lr=2e-3, loraplus_lr_ratio=16.0, optim_bits=8,
+                                    min_8bit_size=256)
+    assert isinstance(opt, nl.PagedAdamW)
+    by_id = {id(p): n for n, p in m.named_parameters()}
+    lrs = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            lrs[by_id[id(p)]] = g["lr"]
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert set(lrs) == trainable
+    assert all(lr == pytest.approx(2e-3 * 16) for n, lr in lrs.items() if ".lora_B." in n)
+    assert all(lr == pytest.approx(2e-3) for n, lr in lrs.items() if ".lora_A." in n)
+    x = tokens(batch=2, seq=8)
+    torch.manual_seed(0)
+    losses = []
+    for _ in range(10):
+        loss = m(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0], losses
+    assert any(st["exp_avg"].dtype == torch.uint8 for st in opt.state.values())
