@@ -137,7 +137,8 @@ KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     ("extra", ValueError, "k_proj.lora_A.weight.*not one that"),
     ("dora", ValueError, "DoRA"),
     ("peft_type", ValueError, "peft_type"),
-    ("use_dora", NotImplementedError, "use_dora"),
+    ("use_dora", KeyError, "q_proj.lora_magnitude_vector"),
+    ("use_dora_str", ValueError, "use_dora must be true or false"),
     ("bias", NotImplementedError, "bias"),
     ("int", ValueError, KEY_B + ".*floating"),
 ])
@@ -153,6 +154,7 @@ def test_malformed_adapter_files(base, saved, case, exc, match):
             KEY_A.replace("lora_A.weight", "lora_magnitude_vector"), torch.ones(64))),
         "peft_type": dict(config=lambda c: c.__setitem__("peft_type", "IA3")),
         "use_dora": dict(config=lambda c: c.__setitem__("use_dora", True)),
+        "use_dora_str": dict(config=lambda c: c.__setitem__("use_dora", "yes")),
         "bias": dict(config=lambda c: c.__setitem__("bias", "all")),
         "int": dict(weights=lambda sd: sd.__setitem__(KEY_B, sd[KEY_B].to(torch.int32))),
     }

@@ -4,6 +4,11 @@ bitsandbytes Linear4bit wrapped by PEFT LoRA).
   y = x W^T + b + sum over active adapters a of  s_a * dropout(x) A_a^T B_a^T
       W: NF4 [N, K],  A_a = lora_A[a].weight [r_a, K],  B_a = lora_B[a].weight [N, r_a]
 
+DoRA adapters (use_dora=True, as PEFT) add a magnitude m_a = lora_magnitude_vector[a].weight [N]:
+  y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b      (no dropout; the norm is detached)
+The row norms never need a dense W: ||W_n||^2 (computed once, cached) + 2 s B_n . (W A^T)_n
++ s^2 ||(B A)_n||^2, with W A^T from the NF4 op itself (A as a batch of r rows).
+
 Parameter names follow PEFT (`lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`), so optimizers,
 parameter-group rules and tools written for PEFT find them. The first active adapter goes through the
 fused op `qlora_linear` (x read once, W dequantized on the fly); further active adapters, a rare case,
@@ -23,6 +28,14 @@ from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, quantize_nf4
 
 
+class LoraMagnitude(nn.Module):
+    """DoRA's magnitude of one adapter: weight [out_features], PEFT's lora_magnitude_vector.<a>."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
 def _check_adapter_name(name):
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {name!r}")
@@ -32,7 +45,7 @@ def _check_adapter_name(name):
 class QLoRALinear(nn.Module):
     def __init__(self, weight: NF4Tensor, bias=None, r=8, lora_alpha=8, lora_dropout=0.0,
                  use_rslora=False, init_lora_weights=True, lora_dtype=torch.float32,
-                 adapter_name="default"):
+                 adapter_name="default", use_dora=False):
         super().__init__()
         if not isinstance(weight, NF4Tensor) or len(weight.shape) != 2:
             raise TypeError("weight must be a 2-D NF4Tensor [out_features, in_features]")
@@ -49,21 +62,22 @@ class QLoRALinear(nn.Module):
             self.register_parameter("bias", None)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_config = {}          # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.lora_config = {}  # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora)
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
         self.merged_adapters = []      # adapters folded into merged_weight
         self.register_buffer("merged_weight", None, persistent=False)
         if r > 0:
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
-                             init_lora_weights, lora_dtype)
+                             init_lora_weights, lora_dtype, use_dora)
             self.active_adapters = [adapter_name]
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_linear(cls, linear: nn.Linear, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     blocksize=64, double_quant=True, init_lora_weights=True, lora_dtype=torch.float32,
-                    adapter_name="default"):
+                    adapter_name="default", use_dora=False):
         """Quantize `linear` to NF4 and attach one adapter (none when r == 0)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -72,12 +86,13 @@ class QLoRALinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(q, bias, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                    use_rslora=use_rslora, init_lora_weights=init_lora_weights, lora_dtype=lora_dtype,
-                   adapter_name=adapter_name)
+                   adapter_name=adapter_name, use_dora=use_dora)
 
     # ---------------------------------------------------------------- adapters
     def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, lora_dtype=torch.float32):
-        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT)."""
+                    init_lora_weights=True, lora_dtype=torch.float32, use_dora=False):
+        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT); use_dora=True makes
+        it a DoRA adapter (magnitude initialised to ||W + s B A||_row, as PEFT)."""
         _check_adapter_name(adapter_name)
         if adapter_name in self.lora_config:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
@@ -93,7 +108,11 @@ class QLoRALinear(nn.Module):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=lora_dtype)
         self.lora_config[adapter_name] = dict(
             r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=bool(use_rslora),
-            scaling=lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r)
+            scaling=lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r,
+            use_dora=bool(use_dora))
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = LoraMagnitude(
+                torch.empty(self.out_features, device=dev, dtype=lora_dtype))
         self.reset_lora_parameters(init_lora_weights, adapter_name)
 
     def delete_adapter(self, adapter_name):
@@ -102,6 +121,8 @@ class QLoRALinear(nn.Module):
         if adapter_name in self.merged_adapters:
             self.unmerge_()
         del self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_config[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_names, requires_grad=True):
@@ -114,6 +135,8 @@ class QLoRALinear(nn.Module):
             on = requires_grad and name in names
             self.lora_A[name].weight.requires_grad_(on)
             self.lora_B[name].weight.requires_grad_(on)
+            if name in self.lora_magnitude_vector:
+                self.lora_magnitude_vector[name].weight.requires_grad_(on)
         self.active_adapters = names
 
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name=None):
@@ -135,6 +158,8 @@ class QLoRALinear(nn.Module):
                 else:
                     raise ValueError("init_lora_weights must be True, False or 'gaussian', got "
                                      f"{init_lora_weights!r}")
+                if name in self.lora_magnitude_vector:  # DoRA: m = ||W + s B A||_row (PEFT)
+                    self.lora_magnitude_vector[name].weight.copy_(self.dora_weight_norm(name))
 
     def _active(self):
         return [a for a in self.active_adapters if a in self.lora_config] if self.adapters_enabled else []
@@ -190,6 +215,7 @@ class QLoRALinear(nn.Module):
         self.register_buffer("weight_absmax2", q.absmax2, persistent=False)
         self.register_buffer("weight_code8", q.code8, persistent=False)
         self.weight_offset, self.weight_dtype, self.blocksize = q.offset, q.dtype, q.blocksize
+        self.register_buffer("weight_row_sqnorm", None, persistent=False)  # DoRA's ||W_n||^2, lazily
 
     @property
     def nf4_weight(self) -> NF4Tensor:
@@ -228,6 +254,58 @@ class QLoRALinear(nn.Module):
         # torch reports dotted keys under a leaf module as unexpected; the weight.* ones are ours
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(wkey + ".")]
 
+    # ---------------------------------------------------------------- DoRA
+    @torch.no_grad()
+    def dora_weight_norm(self, adapter_name) -> torch.Tensor:
+        """float32 [N]: ||W + s B A|| over each output row, W the dequantized NF4 weight, in float64
+        from ||W_n||^2 (cached), W A^T (the NF4 op on A's r rows) and the r x r Gram matrix of A."""
+        c = self.lora_config[adapter_name]
+        s = c["scaling"]
+        A = self.lora_A[adapter_name].weight.detach()
+        B = self.lora_B[adapter_name].weight.detach().double()
+        if self.weight_row_sqnorm is None:  # one dense pass over W, once per weight
+            self.weight_row_sqnorm = self.nf4_weight.dequantize(torch.float32).double().pow(2).sum(1)
+        wa = nf4_linear(A.float(), self.nf4_weight).double().t()  # [N, r] = W A^T
+        gram = A.double() @ A.double().t()                         # [r, r]
+        sq = self.weight_row_sqnorm + 2.0 * s * (B * wa).sum(1) + s * s * ((B @ gram) * B).sum(1)
+        return sq.clamp_min(0.0).sqrt().float()
+
+    def _dora_scale(self, name, dtype):
+        """m / ||W + s B A||_row (the norm detached: DoRA paper sec. 4.3, as PEFT), [N] in dtype."""
+        m = self.lora_magnitude_vector[name].weight
+        return (m / self.dora_weight_norm(name).to(m.dtype)).to(dtype)
+
+    def _lora_term(self, name, h):
+        c = self.lora_config[name]
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        return F.linear(F.linear(h.to(A.dtype), A), B) * c["scaling"]
+
+    def _forward_dora(self, x, q, act):
+        """Active adapters with at least one DoRA adapter, in PEFT's order: each adapter adds to the
+        running result; a DoRA adapter's base term is the running result without bias (or, under
+        dropout, the base layer on its dropped-out input)."""
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if len(act) == 1 and not (self.training and self.lora_config[act[0]]["lora_dropout"] > 0):
+            c = self.lora_config[act[0]]  # the common case: one fused op, then a row scale
+            y = qlora_linear(x, q, self.lora_A[act[0]].weight, self.lora_B[act[0]].weight,
+                             c["scaling"]) * self._dora_scale(act[0], x.dtype)
+            return y if bias is None else y + bias
+        result = nf4_linear(x, q, self.bias)
+        for name in act:
+            c = self.lora_config[name]
+            p = c["lora_dropout"] if self.training else 0.0
+            if not c["use_dora"]:
+                result = result + self._lora_term(name, F.dropout(x, p, self.training)).to(result.dtype)
+                continue
+            if p > 0.0:
+                xd = F.dropout(x, p, True)
+                base = nf4_linear(xd, q)
+            else:
+                xd, base = x, (result if bias is None else result - bias)
+            scale = self._dora_scale(name, result.dtype)
+            result = result + (scale - 1) * base + scale * self._lora_term(name, xd).to(result.dtype)
+        return result
+
     # ---------------------------------------------------------------- forward
     def forward(self, x):
         act = self._active()
@@ -237,6 +315,8 @@ class QLoRALinear(nn.Module):
         q = self.nf4_weight
         if not act:
             return nf4_linear(x, q, self.bias)
+        if any(self.lora_config[a]["use_dora"] for a in act):
+            return self._forward_dora(x, q, act)
         c = self.lora_config[act[0]]
         p = c["lora_dropout"] if self.training else 0.0
         y = qlora_linear(x, q, self.lora_A[act[0]].weight, self.lora_B[act[0]].weight, c["scaling"],
@@ -259,13 +339,19 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def merged_dense(self, adapter_names=None) -> torch.Tensor:
         """float32 [N, K]: W_dequant + sum of scaling * B @ A over `adapter_names` (default: the
-        active adapters)."""
+        active adapters); a DoRA adapter also scales the rows by m / ||W_dequant + s B A||_row."""
         names = self._active() if adapter_names is None else list(adapter_names)
-        w = self.nf4_weight.dequantize(torch.float32)
+        w0 = self.nf4_weight.dequantize(torch.float32)
+        w = w0.clone()
         for name in names:
             if name not in self.lora_config:
                 raise KeyError(f"adapter {name!r} not found in this layer")
-            w += self.delta_weight(name)
+            d = self.delta_weight(name)
+            if self.lora_config[name]["use_dora"]:  # PEFT: (m / ||W0 + dW||_row) * (W + dW)
+                m = self.lora_magnitude_vector[name].weight.float()
+                w = (m / (w0 + d).norm(dim=1))[:, None] * (w + d)
+            else:
+                w += d
         return w
 
     @torch.no_grad()
@@ -302,7 +388,8 @@ class QLoRALinear(nn.Module):
         return lin
 
     def extra_repr(self):
-        adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']})"
+        adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']}"
+                             + (", dora" if c["use_dora"] else "") + ")"
                              for n, c in self.lora_config.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "

@@ -1,8 +1,9 @@
 """Adapters in PEFT's on-disk format (LoRA, PEFT 0.21):
 
-  adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
+  adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "use_dora", ...}
   adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in_features]
                               base_model.model.<module>.lora_B.weight [out_features, r]
+                              base_model.model.<module>.lora_magnitude_vector [out_features] (DoRA)
 
 The adapter name is not part of the keys (PEFT strips it). load_adapter checks the whole file
 against the model and the config before changing anything: a missing or unexpected key, a wrong
@@ -22,13 +23,17 @@ WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 # config fields of PEFT LoRA that nf4lora does not implement, with their (falsy) default
-_UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
+_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
                 "target_parameters": None, "layer_replication": None, "use_qalora": False,
                 "trainable_token_indices": None, "alora_invocation_tokens": None}
 
 
+MAGNITUDE = "lora_magnitude_vector"
+
+
 def _key(module, which):
-    return f"{PREFIX}{module}.{which}.weight"
+    # PEFT writes DoRA's magnitude without the ".weight" of the parameter it loads into
+    return f"{PREFIX}{module}.{which}" + ("" if which == MAGNITUDE else ".weight")
 
 
 def save_adapter(model, save_directory, adapter_name="default"):
@@ -42,7 +47,8 @@ def save_adapter(model, save_directory, adapter_name="default"):
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
-            for which in ("lora_A", "lora_B"):
+            dora = layer.lora_config[adapter_name]["use_dora"]
+            for which in ("lora_A", "lora_B") + ((MAGNITUDE,) if dora else ()):
                 w = getattr(layer, which)[adapter_name].weight
                 tensors[_key(name, which)] = w.detach().cpu().contiguous().clone()
     mcfg = getattr(model, "config", None)
@@ -53,7 +59,8 @@ def save_adapter(model, save_directory, adapter_name="default"):
         "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
         "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
         "rank_pattern": c["rank_pattern"], "alpha_pattern": c["alpha_pattern"],
-        "use_rslora": c["use_rslora"], "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+        "use_rslora": c["use_rslora"], "bias": "none", "fan_in_fan_out": False,
+        "use_dora": c.get("use_dora", False),
         "modules_to_save": None, "init_lora_weights": c["init_lora_weights"],
     }
     os.makedirs(save_directory, exist_ok=True)
@@ -84,6 +91,8 @@ def _read_config(path):
     r = cfg.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{cpath}: r must be a positive int, got {r!r}")
+    if not isinstance(cfg.get("use_dora", False), bool):
+        raise ValueError(f"{cpath}: use_dora must be true or false, got {cfg['use_dora']!r}")
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{cpath}: lora_alpha must be a number, got {alpha!r}")
@@ -104,8 +113,8 @@ def _read_weights(path):
 
 def _split_key(key):
     body = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    for which in ("lora_A", "lora_B"):
-        suffix = f".{which}.weight"
+    for which, suffix in (("lora_A", ".lora_A.weight"), ("lora_B", ".lora_B.weight"),
+                          (MAGNITUDE, f".{MAGNITUDE}")):
         if body.endswith(suffix):
             return body[: -len(suffix)], which
     return None, None
@@ -114,39 +123,44 @@ def _split_key(key):
 def _validate(model, cfg, names, weights):
     """Every key expected, present, of the right shape; nothing extra."""
     ranks = {n: pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)) for n in names}
+    dora = bool(cfg.get("use_dora", False))
     by_module = {}
     for key, t in weights.items():
         module, which = _split_key(key)
-        if module is None:
-            kind = ("DoRA magnitude" if "lora_magnitude_vector" in key else
+        if module is None or (which == MAGNITUDE and not dora):
+            kind = ("DoRA magnitude (adapter_config.json has no use_dora)" if MAGNITUDE in key else
                     "embedding LoRA" if "lora_embedding" in key else "non-LoRA")
             raise ValueError(f"adapter file has an unexpected {kind} key '{key}'")
         if module not in ranks:
             raise ValueError(f"adapter file key '{key}': module '{module}' is not one that "
                              "adapter_config.json's target_modules select in this model")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
-            raise ValueError(f"adapter file key '{key}' must be a 2-D floating tensor, got "
+        dim = 1 if which == MAGNITUDE else 2
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dim:
+            raise ValueError(f"adapter file key '{key}' must be a {dim}-D floating tensor, got "
                              f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
         by_module.setdefault(module, {})[which] = (key, t)
     for n in names:
         layer = model.get_submodule(n)
         r = ranks[n]
         want = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r)}
+        if dora:
+            want[MAGNITUDE] = (layer.out_features,)
         got = by_module.get(n, {})
         for which, shape in want.items():
             if which not in got:
                 raise KeyError(f"adapter file is missing '{_key(n, which)}'")
             key, t = got[which]
             if tuple(t.shape) != shape:
-                rdim = 0 if which == "lora_A" else 1
-                fdim = 1 - rdim
                 hint = ""
-                if t.shape[fdim] == shape[fdim]:
-                    hint = (f" (adapter_config.json gives r={r} for '{n}' but the tensor has rank "
-                            f"{t.shape[rdim]})")
+                if which != MAGNITUDE:
+                    rdim = 0 if which == "lora_A" else 1
+                    fdim = 1 - rdim
+                    if t.shape[fdim] == shape[fdim]:
+                        hint = (f" (adapter_config.json gives r={r} for '{n}' but the tensor has rank "
+                                f"{t.shape[rdim]})")
                 raise ValueError(f"adapter file key '{key}' has shape {tuple(t.shape)}, expected "
                                  f"{shape}{hint}")
-        if not bool(torch.isfinite(got["lora_A"][1]).all() and torch.isfinite(got["lora_B"][1]).all()):
+        if not all(bool(torch.isfinite(got[w][1]).all()) for w in want):
             raise ValueError(f"adapter weights for '{n}' contain NaN or Inf")
     return by_module
 
@@ -172,12 +186,13 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
                 layers_pattern=cfg.get("layers_pattern"), rank_pattern=cfg.get("rank_pattern"),
                 alpha_pattern=cfg.get("alpha_pattern"), use_rslora=bool(cfg.get("use_rslora", False)),
                 init_lora_weights=True, exclude_modules=cfg.get("exclude_modules"),
-                blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name)
+                blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name,
+                use_dora=bool(cfg.get("use_dora", False)))
     with torch.no_grad():
         for n in names:
             layer = model.get_submodule(n)
-            layer.lora_A[adapter_name].weight.copy_(by_module[n]["lora_A"][1])
-            layer.lora_B[adapter_name].weight.copy_(by_module[n]["lora_B"][1])
+            for which, (_, t) in by_module[n].items():
+                getattr(layer, which)[adapter_name].weight.copy_(t)
             if layer.merged_adapters:
                 layer._remerge()
     adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)

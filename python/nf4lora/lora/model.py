@@ -47,9 +47,10 @@ def _check_targets(model, names, what):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default"):
+                adapter_name="default", use_dora=False):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
-    `adapter_name`), in place; freeze every other parameter; return the model.
+    `adapter_name`; a DoRA adapter with use_dora=True), in place; freeze every other parameter;
+    return the model.
 
     Matching follows PEFT (lora/targets.py). Layers that are already QLoRALinear (from quantize_model,
     a bitsandbytes checkpoint or an earlier adapter) get the new adapter added. The first adapter
@@ -77,7 +78,8 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         if not isinstance(layer, QLoRALinear):
             layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
             _set_child(model, n, layer)
-        layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights)
+        layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
+                          use_dora=use_dora)
 
     resolved = names if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR \
         else target_modules
@@ -89,7 +91,7 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
-        blocksize=blocksize, double_quant=double_quant)
+        blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora))
     active = active_adapters(model) or [adapter_name]
     set_adapter(model, active)
     return model
@@ -167,14 +169,14 @@ def _make_output_require_grad(module, inputs, output):
 
 def prepare_for_training(model, gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
     """Get a (Q)LoRA model ready to train: freeze everything except the active adapters' LoRA
-    weights, turn off the KV cache, and with gradient_checkpointing enable transformers' activation
+    weights (and DoRA magnitudes), turn off the KV cache, and with gradient_checkpointing enable transformers' activation
     checkpointing (default {"use_reentrant": False}) plus a picklable hook that makes the input
     embeddings' output require grad (what reentrant checkpointing needs with a frozen embedding).
     Call it before or after apply_qlora. Returns the model."""
     active = set(active_adapters(model))
     for n, p in model.named_parameters():
         parts = n.split(".")
-        is_lora = any(parts[i] in ("lora_A", "lora_B") and parts[i + 1] in active
+        is_lora = any(parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector") and parts[i + 1] in active
                       for i in range(len(parts) - 1))
         p.requires_grad_(is_lora)
     config = getattr(model, "config", None)
