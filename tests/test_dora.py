@@ -170,3 +170,19 @@ def test_training_and_adapter_controls(base):
     nl.apply_qlora(m, "all-linear", r=2, adapter_name="other")
     nl.delete_adapter(m, "default")
     assert not any("lora_magnitude_vector" in n for n, _ in m.named_parameters())
+
+
+def test_bf16_model_trains():
+    m = nl.apply_qlora(tiny_llama(dtype=torch.bfloat16), TARGETS, r=4, lora_alpha=8, use_dora=True,
+                       lora_dropout=0.1)
+    randomize_adapters(m)
+    nl.prepare_for_training(m, gradient_checkpointing=False)
+    m.train()
+    x = tokens()
+    loss = m(input_ids=x, labels=x).loss
+    loss.backward()
+    grads = [p.grad for p in m.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    m.eval()
+    with torch.no_grad():
+        assert torch.isfinite(m(x).logits).all()
