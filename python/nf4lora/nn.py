@@ -67,6 +67,7 @@ class QLoRALinear(nn.Module):
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
         self.merged_adapters = []      # adapters folded into merged_weight
+        self.batch_adapter_names = None  # per-example adapters (mixed_batch), inference only
         self.register_buffer("merged_weight", None, persistent=False)
         if r > 0:
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora,
@@ -306,8 +307,34 @@ class QLoRALinear(nn.Module):
             result = result + (scale - 1) * base + scale * self._lora_term(name, xd).to(result.dtype)
         return result
 
+    def _mixed_batch_forward(self, x, q, names):
+        """Row i of the batch (dim 0 of x) through adapter names[i] ("__base__": none), as PEFT's
+        `adapter_names`: the base GEMM once for the whole batch, then each adapter's low-rank term
+        (DoRA: its row scale too, which PEFT does not support here) on its rows."""
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} "
+                             "rows (dim 0 of the input)")
+        if self.merged_weight is not None:
+            raise ValueError("per-example adapters need an unmerged model: call unmerge_adapter first")
+        y = nf4_linear(x, q, self.bias)
+        bias = None if self.bias is None else self.bias.to(y.dtype)
+        for name in dict.fromkeys(names):  # first-seen order
+            if name not in self.lora_config:  # "__base__", or an adapter this layer does not have
+                continue
+            idx = torch.tensor([i for i, a in enumerate(names) if a == name], device=x.device)
+            xs, ys = x.index_select(0, idx), y.index_select(0, idx)
+            delta = self._lora_term(name, xs).to(y.dtype)
+            if self.lora_config[name]["use_dora"]:
+                scale = self._dora_scale(name, y.dtype)
+                base = ys if bias is None else ys - bias
+                delta = (scale - 1) * base + scale * delta
+            y = y.index_add(0, idx, delta)
+        return y
+
     # ---------------------------------------------------------------- forward
     def forward(self, x):
+        if self.batch_adapter_names is not None and self.adapters_enabled:
+            return self._mixed_batch_forward(x, self.nf4_weight, self.batch_adapter_names)
         act = self._active()
         if self.merged_weight is not None and self.adapters_enabled:
             b = None if self.bias is None else self.bias.to(x.dtype)

@@ -1,6 +1,6 @@
 """Model surgery: apply_qlora (NF4 base + LoRA adapters, PEFT's matching rules), quantize_model (NF4
 linears without adapters), prepare_for_training, and the adapter controls (set_adapter,
-disable_adapter, delete_adapter).
+disable_adapter, delete_adapter, mixed_batch).
 
 The model keeps its own class; adapted layers become QLoRALinear in place. What save_adapter needs
 to write adapter_config.json lives in `model._nf4lora_adapters` (adapter -> config dict) and the
@@ -138,6 +138,40 @@ def disable_adapter(model):
     finally:
         for m, s in zip(layers, saved):
             m.adapters_enabled = s
+
+
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+@contextlib.contextmanager
+def mixed_batch(model, adapter_names):
+    """Inference with a different adapter per example (PEFT's `adapter_names` argument): inside the
+    context, batch row i of every QLoRALinear input goes through adapter adapter_names[i] ("__base__"
+    for the plain base model). The NF4 GEMM runs once for the whole batch; each adapter adds its
+    low-rank term to its rows. DoRA adapters work too (PEFT refuses them here).
+
+        with nl.mixed_batch(model, ["default", "__base__", "french"]):
+            logits = model(input_ids).logits      # input_ids [3, T]
+    """
+    names = list(adapter_names)
+    known = adapter_configs(model)
+    for n in names:
+        if n != BASE and n not in known:
+            raise ValueError(f"adapter_names: {n!r} is not an adapter of this model "
+                             f"({sorted(known)}, or {BASE!r})")
+    if model.training:
+        raise ValueError("mixed_batch is for inference: call model.eval() first")
+    layers = [m for _, m in qlora_layers(model)]
+    if any(m.merged_weight is not None for m in layers):
+        raise ValueError("mixed_batch needs an unmerged model: call unmerge_adapter first")
+    saved = [m.batch_adapter_names for m in layers]
+    for m in layers:
+        m.batch_adapter_names = names
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved):
+            m.batch_adapter_names = s
 
 
 def delete_adapter(model, adapter_name):

@@ -1,0 +1,93 @@
+"""Per-example adapters at inference (nl.mixed_batch, PEFT's `adapter_names`): each row equals the
+model run alone with that adapter active; against PEFT's mixed batch on the same (dequantized)
+base; DoRA adapters too; bad names, lengths, training mode and merged models are errors."""
+import copy
+
+import pytest
+import torch
+
+import nf4lora as nl
+from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+def _three_adapters(base, dora=False):
+    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+                       use_dora=dora)
+    nl.apply_qlora(m, ["q_proj", "o_proj"], r=2, lora_alpha=4, adapter_name="b")
+    nl.apply_qlora(m, "all-linear", r=3, lora_alpha=3, adapter_name="c", use_dora=dora)
+    for i, a in enumerate(("default", "b", "c")):
+        randomize_adapters(m, adapter=a, seed=i, scale=0.1)
+    return m.eval()
+
+
+NAMES = ["b", "default", "__base__", "c", "default", "b"]
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_rows_equal_single_adapter_runs(base, dora):
+    m = _three_adapters(base, dora)
+    x = tokens(batch=len(NAMES), seq=7)
+    with torch.no_grad(), nl.mixed_batch(m, NAMES):
+        mixed = m(x).logits
+    with torch.no_grad():
+        for i, a in enumerate(NAMES):
+            if a == "__base__":
+                with nl.disable_adapter(m):
+                    alone = m(x[i:i + 1]).logits
+            else:
+                nl.set_adapter(m, a)
+                alone = m(x[i:i + 1]).logits
+            assert rel(mixed[i:i + 1], alone) < 1e-5, (i, a)
+    # outside the context every layer is back to its active adapter(s)
+    assert all(layer.batch_adapter_names is None for _, layer in nl.lora.model.qlora_layers(m))
+
+
+def test_matches_peft_adapter_names(base):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    m = _three_adapters(base)
+    pm = get_peft_model(dequantized_copy(m, base),
+                        LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8))
+    pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=4))
+    pm.add_adapter("c", LoraConfig(target_modules="all-linear", r=3, lora_alpha=3))
+    ours = dict(m.named_parameters())
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            key = n.replace("base_model.model.", "")
+            if key in ours:
+                p.copy_(ours[key])
+    pm.eval()
+    x = tokens(batch=len(NAMES), seq=7)
+    with torch.no_grad():
+        want = pm(input_ids=x, adapter_names=NAMES).logits
+        with nl.mixed_batch(m, NAMES):
+            got = m(x).logits
+    assert rel(got, want) < 1e-5
+
+
+def test_errors(base):
+    m = _three_adapters(base)
+    x = tokens(batch=3)
+    with pytest.raises(ValueError, match="'nope' is not an adapter"):
+        with nl.mixed_batch(m, ["default", "nope", "b"]):
+            pass
+    with pytest.raises(ValueError, match="3 entries but the batch has 2"):
+        with torch.no_grad(), nl.mixed_batch(m, ["default", "b", "c"]):
+            m(x[:2])
+    m.train()
+    with pytest.raises(ValueError, match="inference"):
+        with nl.mixed_batch(m, ["default"] * 3):
+            pass
+    m.eval()
+    nl.merge_adapter(m)
+    with pytest.raises(ValueError, match="unmerge"):
+        with nl.mixed_batch(m, ["default"] * 3):
+            pass
+    nl.unmerge_adapter(m)
+    with torch.no_grad(), nl.mixed_batch(m, ["default"] * 3):  # usable again
+        m(x)
