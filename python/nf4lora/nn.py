@@ -6,6 +6,10 @@ bitsandbytes Linear4bit wrapped by PEFT LoRA).
 
 DoRA adapters (use_dora=True, as PEFT) add a magnitude m_a = lora_magnitude_vector[a].weight [N]:
   y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b      (no dropout; the norm is detached)
+VeRA adapters (add_vera_adapter, as PEFT's VERA) share frozen random projections A [r, K_max],
+B [N_max, r] across layers and train per layer lambda_d [r] and lambda_b [N]:
+  y += lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T),   A_s = A[:, :K], B_s = B[:N]
+which is the fused op with A' = lambda_d A_s, B' = lambda_b B_s, scaling 1.
 The row norms never need a dense W: ||W_n||^2 (computed once, cached) + 2 s B_n . (W A^T)_n
 + s^2 ||(B A)_n||^2, with W A^T from the NF4 op itself (A as a batch of r rows).
 
@@ -26,6 +30,11 @@ from torch import nn
 
 from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, quantize_nf4
+
+
+# Names of adapter parameter containers in a QLoRALinear (PEFT's names): a parameter whose name has
+# ".<one of these>.<adapter>" belongs to that adapter.
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
 
 
 class LoraMagnitude(nn.Module):
@@ -63,6 +72,9 @@ class QLoRALinear(nn.Module):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self.vera_lambda_b = nn.ParameterDict()  # VeRA adapters: [N] and [r], with the shared
+        self.vera_lambda_d = nn.ParameterDict()  # projections in self.vera_projections[name]
+        self.vera_projections = {}  # adapter -> (A [r, K_max], B [N_max, r]), shared by the model
         self.lora_config = {}  # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora)
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
@@ -116,12 +128,70 @@ class QLoRALinear(nn.Module):
                 torch.empty(self.out_features, device=dev, dtype=lora_dtype))
         self.reset_lora_parameters(init_lora_weights, adapter_name)
 
+    def add_vera_adapter(self, adapter_name, vera_A, vera_B, r, vera_dropout=0.0, d_initial=0.1,
+                         init_weights=True, dtype=torch.float32):
+        """Add a VeRA adapter (inactive until set_adapter names it): vera_A [r_max, >= in_features]
+        and vera_B [>= out_features, r_max] are the model's shared frozen projections (not copied);
+        lambda_d [r] = d_initial and lambda_b [N] = 0 (PEFT's init: the adapter starts as a no-op;
+        init_weights=False: lambda_d ~ N(0, 1), lambda_b = 1, PEFT's untouched values)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.lora_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= float(vera_dropout) < 1.0:
+            raise ValueError(f"vera_dropout must be in [0, 1), got {vera_dropout}")
+        if vera_A.dim() != 2 or vera_B.dim() != 2 or vera_A.shape[0] < r or vera_B.shape[1] < r \
+                or vera_A.shape[1] < self.in_features or vera_B.shape[0] < self.out_features:
+            raise ValueError(f"vera_A {tuple(vera_A.shape)} / vera_B {tuple(vera_B.shape)} are too small "
+                             f"for r={r} and this layer's {self.out_features} x {self.in_features}")
+        dev = self.weight.device
+        self.vera_projections[adapter_name] = (vera_A, vera_B)
+        self.vera_lambda_b[adapter_name] = nn.Parameter(torch.ones(self.out_features, device=dev, dtype=dtype))
+        self.vera_lambda_d[adapter_name] = nn.Parameter(torch.randn(r, device=dev, dtype=dtype))
+        if init_weights:
+            with torch.no_grad():
+                self.vera_lambda_d[adapter_name].fill_(d_initial)
+                self.vera_lambda_b[adapter_name].zero_()
+        self.lora_config[adapter_name] = dict(
+            kind="vera", r=r, lora_alpha=r, lora_dropout=float(vera_dropout), use_rslora=False,
+            scaling=1.0, use_dora=False, d_initial=d_initial)
+
+    def _kind(self, name):
+        return self.lora_config[name].get("kind", "lora")
+
+    def _adapter_params(self, name):
+        """The trainable tensors of one adapter."""
+        if self._kind(name) == "vera":
+            return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
+        ps = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_magnitude_vector:
+            ps.append(self.lora_magnitude_vector[name].weight)
+        return ps
+
+    def _low_rank(self, name):
+        """(A [r, K], B [N, r]) with y += scaling * x A^T B^T for this adapter: LoRA's own weights,
+        or VeRA's lambda_d * A_s and lambda_b * B_s (differentiable in the lambdas)."""
+        if self._kind(name) == "vera":
+            A, B = self.vera_projections[name]
+            ld, lb = self.vera_lambda_d[name], self.vera_lambda_b[name]
+            r = ld.shape[0]
+            A_s = A[:r, : self.in_features].to(device=ld.device, dtype=ld.dtype)
+            B_s = B[: self.out_features, :r].to(device=lb.device, dtype=lb.dtype)
+            return ld[:, None] * A_s, lb[:, None] * B_s
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
     def delete_adapter(self, adapter_name):
         if adapter_name not in self.lora_config:
             raise KeyError(f"adapter {adapter_name!r} not found in this layer")
         if adapter_name in self.merged_adapters:
             self.unmerge_()
-        del self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_config[adapter_name]
+        if self._kind(adapter_name) == "vera":
+            del self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name]
+            del self.vera_projections[adapter_name]
+        else:
+            del self.lora_A[adapter_name], self.lora_B[adapter_name]
+        del self.lora_config[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
@@ -134,16 +204,15 @@ class QLoRALinear(nn.Module):
             self.unmerge_()
         for name in self.lora_config:
             on = requires_grad and name in names
-            self.lora_A[name].weight.requires_grad_(on)
-            self.lora_B[name].weight.requires_grad_(on)
-            if name in self.lora_magnitude_vector:
-                self.lora_magnitude_vector[name].weight.requires_grad_(on)
+            for p in self._adapter_params(name):
+                p.requires_grad_(on)
         self.active_adapters = names
 
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name=None):
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
         False: both kaiming-uniform (the adapter is not a no-op)."""
-        names = list(self.lora_config) if adapter_name is None else [adapter_name]
+        names = [n for n in self.lora_config if self._kind(n) == "lora"] if adapter_name is None \
+            else [adapter_name]
         with torch.no_grad():
             for name in names:
                 A, B = self.lora_A[name].weight, self.lora_B[name].weight
@@ -197,14 +266,14 @@ class QLoRALinear(nn.Module):
 
     @property
     def lora_A_weight(self):
-        """The active adapter's A, a Parameter [r, in_features] (None without an adapter)."""
-        act = [a for a in self.active_adapters if a in self.lora_config]
+        """The active LoRA adapter's A, a Parameter [r, in_features] (None without one)."""
+        act = [a for a in self.active_adapters if a in self.lora_A]
         return self.lora_A[act[0]].weight if act else None
 
     @property
     def lora_B_weight(self):
-        """The active adapter's B, a Parameter [out_features, r] (None without an adapter)."""
-        act = [a for a in self.active_adapters if a in self.lora_config]
+        """The active LoRA adapter's B, a Parameter [out_features, r] (None without one)."""
+        act = [a for a in self.active_adapters if a in self.lora_B]
         return self.lora_B[act[0]].weight if act else None
 
     # ---------------------------------------------------------------- the NF4 weight
@@ -276,9 +345,14 @@ class QLoRALinear(nn.Module):
         m = self.lora_magnitude_vector[name].weight
         return (m / self.dora_weight_norm(name).to(m.dtype)).to(dtype)
 
+    def _dropped(self, name, x):
+        """x in the adapter's dtype, then its dropout (PEFT's order)."""
+        dtype = self._adapter_params(name)[0].dtype
+        return F.dropout(x.to(dtype), self.lora_config[name]["lora_dropout"], self.training)
+
     def _lora_term(self, name, h):
         c = self.lora_config[name]
-        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        A, B = self._low_rank(name)
         return F.linear(F.linear(h.to(A.dtype), A), B) * c["scaling"]
 
     def _forward_dora(self, x, q, act):
@@ -296,7 +370,7 @@ class QLoRALinear(nn.Module):
             c = self.lora_config[name]
             p = c["lora_dropout"] if self.training else 0.0
             if not c["use_dora"]:
-                result = result + self._lora_term(name, F.dropout(x, p, self.training)).to(result.dtype)
+                result = result + self._lora_term(name, self._dropped(name, x)).to(result.dtype)
                 continue
             if p > 0.0:
                 xd = F.dropout(x, p, True)
@@ -346,13 +420,10 @@ class QLoRALinear(nn.Module):
             return self._forward_dora(x, q, act)
         c = self.lora_config[act[0]]
         p = c["lora_dropout"] if self.training else 0.0
-        y = qlora_linear(x, q, self.lora_A[act[0]].weight, self.lora_B[act[0]].weight, c["scaling"],
-                         self.bias, dropout_p=p)
+        A, B = self._low_rank(act[0])
+        y = qlora_linear(x, q, A, B, c["scaling"], self.bias, dropout_p=p)
         for name in act[1:]:  # several active adapters: the extra low-rank terms, unfused
-            c = self.lora_config[name]
-            A, B = self.lora_A[name].weight, self.lora_B[name].weight
-            h = F.dropout(x.to(A.dtype), c["lora_dropout"], self.training)
-            y = y + (F.linear(F.linear(h, A), B) * c["scaling"]).to(y.dtype)
+            y = y + self._lora_term(name, self._dropped(name, x)).to(y.dtype)
         return y
 
     # ---------------------------------------------------------------- merge
@@ -360,7 +431,7 @@ class QLoRALinear(nn.Module):
     def delta_weight(self, adapter_name) -> torch.Tensor:
         """float32 [N, K]: scaling * B @ A of one adapter."""
         c = self.lora_config[adapter_name]
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        A, B = self._low_rank(adapter_name)
         return c["scaling"] * (B.float() @ A.float())
 
     @torch.no_grad()
@@ -416,7 +487,8 @@ class QLoRALinear(nn.Module):
 
     def extra_repr(self):
         adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']}"
-                             + (", dora" if c["use_dora"] else "") + ")"
+                             + (", dora" if c["use_dora"] else "")
+                             + (", vera" if c.get("kind") == "vera" else "") + ")"
                              for n, c in self.lora_config.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ..nf4 import NF4Tensor
-from ..nn import QLoRALinear
+from ..nn import ADAPTER_PARTS, QLoRALinear
 from .model import _set_child
 
 _QS = ".weight.quant_state.bitsandbytes__nf4"
@@ -52,7 +52,7 @@ def load_bnb_state_dict(model, state_dict, strict=True):
         new.requires_grad_(False)
         _set_child(model, name, new)
     result = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if ".lora_A." not in k and ".lora_B." not in k]
+    missing = [k for k in result.missing_keys if not _is_adapter_key(k)]
     if strict and (missing or result.unexpected_keys):
         raise RuntimeError(f"load_bnb_state_dict: missing keys {missing}, unexpected keys "
                            f"{result.unexpected_keys}")
@@ -66,4 +66,8 @@ def bnb_state_dict(model, include_adapters=False):
     sd = model.state_dict()
     if include_adapters:
         return sd
-    return {k: v for k, v in sd.items() if ".lora_A." not in k and ".lora_B." not in k}
+    return {k: v for k, v in sd.items() if not _is_adapter_key(k)}
+
+
+def _is_adapter_key(key):
+    return any(f".{part}." in key for part in ADAPTER_PARTS)

@@ -16,6 +16,7 @@ import torch
 
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .targets import find_targets, pattern_value
+from .vera import apply_vera, vera_projections
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,6 +30,8 @@ _UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": 
 
 
 MAGNITUDE = "lora_magnitude_vector"
+VERA_PARTS = ("vera_lambda_b", "vera_lambda_d")
+VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
 
 
 def _key(module, which):
@@ -37,13 +40,14 @@ def _key(module, which):
 
 
 def save_adapter(model, save_directory, adapter_name="default"):
-    """Write adapter `adapter_name` as PEFT does: adapter_config.json + adapter_model.safetensors."""
-    from safetensors.torch import save_file
-
+    """Write adapter `adapter_name` as PEFT does: adapter_config.json + adapter_model.safetensors
+    (a LoRA/DoRA adapter as peft_type LORA, a VeRA adapter as VERA)."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; the model has {sorted(configs)}")
     c = configs[adapter_name]
+    if c.get("peft_type") == "VERA":
+        return _save_vera(model, save_directory, adapter_name, c)
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
@@ -63,10 +67,41 @@ def save_adapter(model, save_directory, adapter_name="default"):
         "use_dora": c.get("use_dora", False),
         "modules_to_save": None, "init_lora_weights": c["init_lora_weights"],
     }
+    _write(save_directory, config, tensors)
+
+
+def _write(save_directory, config, tensors):
+    from safetensors.torch import save_file
+
     os.makedirs(save_directory, exist_ok=True)
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def _save_vera(model, save_directory, adapter_name, c):
+    """PEFT's VERA files: <module>.vera_lambda_b / .vera_lambda_d, and with save_projection the
+    shared base_model.vera_A / base_model.vera_B."""
+    tensors = {}
+    for name, layer in qlora_layers(model):
+        if adapter_name in layer.lora_config:
+            for which in VERA_PARTS:
+                t = getattr(layer, which)[adapter_name]
+                tensors[f"{PREFIX}{name}.{which}"] = t.detach().cpu().contiguous().clone()
+    if c["save_projection"]:
+        A, B = vera_projections(model, adapter_name)
+        tensors[VERA_A], tensors[VERA_B] = A.cpu().contiguous().clone(), B.cpu().contiguous().clone()
+    mcfg = getattr(model, "config", None)
+    config = {
+        "peft_type": "VERA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        "r": c["r"], "target_modules": c["target_modules"], "projection_prng_key": c["projection_prng_key"],
+        "save_projection": c["save_projection"], "vera_dropout": c["vera_dropout"],
+        "d_initial": c["d_initial"], "init_weights": c["init_weights"], "bias": "none",
+        "fan_in_fan_out": False, "modules_to_save": None,
+        "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
+    }
+    _write(save_directory, config, tensors)
 
 
 def _read_config(path):
@@ -80,8 +115,10 @@ def _read_config(path):
             raise ValueError(f"{cpath} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cpath} must hold a JSON object")
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cpath}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    if cfg.get("peft_type") not in ("LORA", "VERA"):
+        raise ValueError(f"{cpath}: peft_type must be 'LORA' or 'VERA', got {cfg.get('peft_type')!r}")
+    if cfg["peft_type"] == "VERA":
+        return _check_vera_config(cpath, cfg)
     for field, ok in _UNSUPPORTED.items():
         v = cfg.get(field, ok)
         if v:  # every supported value is falsy (False, None, [], {})
@@ -96,6 +133,21 @@ def _read_config(path):
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{cpath}: lora_alpha must be a number, got {alpha!r}")
+    if cfg.get("target_modules") is None:
+        raise ValueError(f"{cpath}: target_modules is missing")
+    return cfg
+
+
+def _check_vera_config(cpath, cfg):
+    for field in ("fan_in_fan_out", "modules_to_save"):
+        if cfg.get(field):
+            raise NotImplementedError(f"{cpath}: {field}={cfg[field]!r} is not supported by nf4lora.load_adapter")
+    if cfg.get("bias", "none") != "none":
+        raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for field, default in (("r", 256), ("projection_prng_key", 0)):
+        v = cfg.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, int) or (field == "r" and v <= 0):
+            raise ValueError(f"{cpath}: {field} must be {'a positive ' if field == 'r' else 'an '}int, got {v!r}")
     if cfg.get("target_modules") is None:
         raise ValueError(f"{cpath}: target_modules is missing")
     return cfg
@@ -174,6 +226,8 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     The first adapter of a model becomes active; is_trainable=False (PEFT's default) freezes it."""
     cfg = _read_config(path)
     weights = _read_weights(path)
+    if cfg["peft_type"] == "VERA":
+        return _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     tm = cfg["target_modules"]
     names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
                          cfg.get("exclude_modules"))
@@ -196,6 +250,59 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
             if layer.merged_adapters:
                 layer._remerge()
     adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)
+    if first:
+        set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    return model
+
+
+def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
+    """A PEFT VERA adapter: every target's lambdas present with the right shapes, projections (if
+    the file has them) of the shapes the targets need; nothing else in the file."""
+    tm, r = cfg["target_modules"], cfg.get("r", 256)
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    layers = {n: model.get_submodule(n) for n in names}
+    want = {}
+    for n, layer in layers.items():
+        want[f"{PREFIX}{n}.vera_lambda_b"] = (layer.out_features,)
+        want[f"{PREFIX}{n}.vera_lambda_d"] = (r,)
+    proj = {VERA_A: (r, max(m.in_features for m in layers.values())),
+            VERA_B: (max(m.out_features for m in layers.values()), r)}
+    has_proj = VERA_A in weights or VERA_B in weights
+    if has_proj:
+        want.update(proj)
+    for key, t in weights.items():
+        if key not in want:
+            raise ValueError(f"adapter file has an unexpected key '{key}' for this VERA config and model")
+    for key, shape in want.items():
+        if key not in weights:
+            raise KeyError(f"adapter file is missing '{key}'")
+        t = weights[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+            raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"adapter file key '{key}' contains NaN or Inf")
+    first = not active_adapters(model)
+    apply_vera(model, tm, r=r, projection_prng_key=cfg.get("projection_prng_key", 0),
+               vera_dropout=cfg.get("vera_dropout", 0.0) or 0.0, d_initial=cfg.get("d_initial", 0.1),
+               init_weights=True, save_projection=bool(cfg.get("save_projection", True)),
+               layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+               exclude_modules=cfg.get("exclude_modules"), blocksize=blocksize, double_quant=double_quant,
+               adapter_name=adapter_name)
+    if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
+        A, B = weights[VERA_A].float(), weights[VERA_B].float()
+        model._nf4lora_vera[adapter_name] = (A, B)
+    with torch.no_grad():
+        for n, layer in layers.items():
+            layer = model.get_submodule(n)
+            if has_proj:
+                dev = layer.weight.device
+                layer.vera_projections[adapter_name] = (A.to(dev), B.to(dev))
+            for which in VERA_PARTS:
+                getattr(layer, which)[adapter_name].copy_(weights[f"{PREFIX}{n}.{which}"])
+    adapter_configs(model)[adapter_name]["init_weights"] = cfg.get("init_weights", True)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
     return model

@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from ..nn import QLoRALinear, _check_adapter_name
+from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
 from .targets import ALL_LINEAR, find_targets, pattern_value
 
 
@@ -202,16 +202,15 @@ def _make_output_require_grad(module, inputs, output):
 
 
 def prepare_for_training(model, gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
-    """Get a (Q)LoRA model ready to train: freeze everything except the active adapters' LoRA
-    weights (and DoRA magnitudes), turn off the KV cache, and with gradient_checkpointing enable transformers' activation
+    """Get a (Q)LoRA model ready to train: freeze everything except the active adapters' weights
+    (LoRA A and B, DoRA magnitudes, VeRA lambdas), turn off the KV cache, and with gradient_checkpointing enable transformers' activation
     checkpointing (default {"use_reentrant": False}) plus a picklable hook that makes the input
     embeddings' output require grad (what reentrant checkpointing needs with a frozen embedding).
     Call it before or after apply_qlora. Returns the model."""
     active = set(active_adapters(model))
     for n, p in model.named_parameters():
         parts = n.split(".")
-        is_lora = any(parts[i] in ("lora_A", "lora_B", "lora_magnitude_vector") and parts[i + 1] in active
-                      for i in range(len(parts) - 1))
+        is_lora = any(parts[i] in ADAPTER_PARTS and parts[i + 1] in active for i in range(len(parts) - 1))
         p.requires_grad_(is_lora)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):

@@ -1,0 +1,79 @@
+"""VeRA adapters on the NF4 base (PEFT's VERA tuner, 0.21): one pair of frozen random projections
+A [r, in_max], B [out_max, r] shared by every adapted layer of the model, generated from
+projection_prng_key exactly as PEFT does (so a file saved without them still loads), and per layer
+trainable lambda_d [r] and lambda_b [out_features]:
+
+  y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A[:, :K]^T)) B[:N]^T)
+
+QLoRALinear runs it through the fused op with A' = lambda_d A_s, B' = lambda_b B_s (nn.py).
+The projections live in model._nf4lora_vera[adapter] (plain attribute, deep-copies and pickles).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..nn import QLoRALinear, _check_adapter_name
+from .model import _check_targets, _set_child, active_adapters, adapter_configs, set_adapter
+from .targets import find_targets
+
+
+def kaiming_projection(shape, generator):
+    """PEFT's vera._kaiming_init: uniform(-b, b), b = sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in =
+    shape[1], drawn from `generator`."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def vera_projections(model, adapter_name):
+    """(A, B) of a VeRA adapter of the model."""
+    return model.__dict__.get("_nf4lora_vera", {})[adapter_name]
+
+
+def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout=0.0, d_initial=0.1,
+               init_weights=True, save_projection=True, layers_to_transform=None, layers_pattern=None,
+               exclude_modules=None, blocksize=64, double_quant=True, adapter_name="default"):
+    """Add VeRA adapter `adapter_name` to the matching nn.Linear layers (quantized to NF4 on the way)
+    or QLoRALinear layers, in place; freeze every other parameter; return the model. Targets follow
+    PEFT's matching rules; the first adapter of a model becomes active (as apply_qlora)."""
+    _check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
+                         "another adapter_name")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(projection_prng_key, bool) or not isinstance(projection_prng_key, int):
+        raise ValueError(f"projection_prng_key must be an int, got {projection_prng_key!r}")
+    if isinstance(target_modules, (set, tuple)):
+        target_modules = sorted(target_modules)
+    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+    _check_targets(model, names, f"target_modules={target_modules!r}")
+    out_max = max(model.get_submodule(n).out_features for n in names)
+    in_max = max(model.get_submodule(n).in_features for n in names)
+    g = torch.Generator(device="cpu").manual_seed(projection_prng_key)
+    A = kaiming_projection((r, in_max), g)   # PEFT draws A first, then B, from one generator
+    B = kaiming_projection((out_max, r), g)
+    model.__dict__.setdefault("_nf4lora_vera", {})[adapter_name] = (A, B)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        layer = model.get_submodule(n)
+        if not isinstance(layer, QLoRALinear):
+            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
+            _set_child(model, n, layer)
+        dev = layer.weight.device
+        layer.add_vera_adapter(adapter_name, A.to(dev), B.to(dev), r, vera_dropout, d_initial,
+                               init_weights)
+    configs[adapter_name] = dict(
+        peft_type="VERA", r=r, target_modules=list(names) if isinstance(target_modules, str)
+        and target_modules.lower() == "all-linear" else target_modules,
+        projection_prng_key=projection_prng_key, save_projection=bool(save_projection),
+        vera_dropout=float(vera_dropout), d_initial=d_initial, init_weights=init_weights,
+        layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
+        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
+        else exclude_modules, blocksize=blocksize, double_quant=double_quant)
+    active = active_adapters(model) or [adapter_name]
+    set_adapter(model, active)
+    return model

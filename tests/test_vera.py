@@ -1,0 +1,164 @@
+"""VeRA adapters (nl.apply_vera, PEFT's VERA): shared projections bit-identical to PEFT's for the
+same projection_prng_key; forward, gradients and merge against PEFT on the same (dequantized NF4)
+base; PEFT-format files both ways (with and without the saved projections); training; mixing with
+LoRA adapters in one model."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nf4lora as nl
+from model_utils import dequantized_copy, rel, tiny_llama, tokens
+
+peft = pytest.importorskip("peft")
+from peft import PeftModel, VeraConfig, get_peft_model  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+def _pair(base, r=8, key=0, **kw):
+    m = nl.apply_vera(copy.deepcopy(base), TARGETS, r=r, projection_prng_key=key, **kw)
+    pm = get_peft_model(dequantized_copy(m, base),
+                        VeraConfig(target_modules=TARGETS, r=r, projection_prng_key=key, **kw))
+    ours = dict(m.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-zero lambdas in both (lambda_b starts at 0)
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                v = torch.randn(p.shape, generator=g) * 0.5
+                p.copy_(v)
+                ours[n.replace("base_model.model.", "")].copy_(v)
+    return m, pm
+
+
+def test_projections_identical_to_peft(base):
+    for key in (0, 7):
+        m, pm = _pair(base, key=key)
+        A, B = nl.lora.vera.vera_projections(m, "default")
+        assert torch.equal(A, pm.base_model.vera_A["default"]) and torch.equal(B, pm.base_model.vera_B["default"])
+    assert not torch.equal(nl.lora.vera.vera_projections(_pair(base, key=0)[0], "default")[0], A)
+
+
+def test_init_is_a_no_op(base):
+    m = nl.apply_vera(copy.deepcopy(base), TARGETS, r=8)
+    x = tokens()
+    with torch.no_grad(), nl.disable_adapter(m):
+        plain = m(x).logits
+    with torch.no_grad():
+        assert rel(m(x).logits, plain) < 1e-6
+
+
+def test_forward_and_gradients_match_peft(base):
+    m, pm = _pair(base)
+    x = tokens()
+    m.eval(), pm.eval()
+    with torch.no_grad():
+        assert rel(m(x).logits, pm(x).logits) < 1e-5
+    m.train(), pm.train()
+    lm, lp = m(input_ids=x, labels=x).loss, pm(input_ids=x, labels=x).loss
+    assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
+    lm.backward(), lp.backward()
+    theirs = {n.replace("base_model.model.", ""): p for n, p in pm.named_parameters() if p.requires_grad}
+    ours = {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 2 * len(TARGETS)
+    for n, p in ours.items():
+        assert rel(p.grad, theirs[n].grad) < 1e-4, n
+
+
+def test_merge_matches_peft(base):
+    m, pm = _pair(base)
+    x = tokens()
+    with torch.no_grad():
+        want = pm(x).logits
+        nl.merge_adapter(m)
+        assert rel(m(x).logits, want) < 1e-5
+        nl.unmerge_adapter(m)
+        merged_ref = pm.merge_and_unload()
+        merged = nl.merge_and_unload(copy.deepcopy(m))
+        for n, mod in merged.named_modules():
+            if isinstance(mod, torch.nn.Linear) and any(t in n for t in TARGETS):
+                assert rel(mod.weight, merged_ref.get_submodule(n).weight) < 1e-6, n
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_files_both_ways(base, tmp_path, save_projection):
+    x = tokens()
+    m, _ = _pair(base, save_projection=save_projection)
+    nl.save_adapter(m, str(tmp_path / "ours"))
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "VERA" and cfg["save_projection"] is save_projection
+    keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
+    assert ("base_model.vera_A" in keys) is save_projection
+    ref = PeftModel.from_pretrained(dequantized_copy(m, base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert rel(m(x).logits, ref(x).logits) < 1e-5
+    back = nl.load_adapter(copy.deepcopy(base), str(tmp_path / "ours"))
+    with torch.no_grad():
+        assert rel(back(x).logits, m(x).logits) < 1e-6
+    # PEFT -> nf4lora
+    q = nl.quantize_model(copy.deepcopy(base), target_modules=TARGETS)
+    pm = get_peft_model(dequantized_copy(q, base), VeraConfig(target_modules=TARGETS, r=8, projection_prng_key=5,
+                                                             save_projection=save_projection, init_weights=False))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = nl.load_adapter(q, str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert rel(loaded(x).logits, pm(x).logits) < 1e-5
+
+
+def test_bad_vera_files(base, tmp_path):
+    m, _ = _pair(base)
+    nl.save_adapter(m, str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 4
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="vera_lambda_d' must be a floating tensor of shape \\(4,\\)"):
+        nl.load_adapter(fresh, str(tmp_path))
+    assert not any(isinstance(l, nl.QLoRALinear) for l in fresh.modules())
+
+
+def test_training_and_mixing_with_lora(base):
+    m = nl.apply_vera(copy.deepcopy(base), "all-linear", r=16)
+    nl.prepare_for_training(m, gradient_checkpointing=False)
+    assert all(".vera_lambda_" in n for n, p in m.named_parameters() if p.requires_grad)
+    opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=5e-2)
+    x = tokens()
+    m.train()
+    losses = []
+    for _ in range(15):
+        loss = m(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.95 * losses[0], losses
+    # a LoRA adapter next to it; per-example routing and the bitsandbytes state dict
+    nl.apply_qlora(m, ["q_proj"], r=4, adapter_name="lora")
+    with torch.no_grad():
+        for _, layer in nl.lora.model.qlora_layers(m):
+            if "lora" in layer.lora_config:
+                layer.lora_B["lora"].weight.normal_(0, 0.1)
+    m.eval()
+    names = ["lora", "default", "__base__"]
+    x3 = tokens(batch=3)
+    with torch.no_grad():
+        with nl.mixed_batch(m, names):
+            mixed = m(x3).logits
+        for i, a in enumerate(names):
+            if a == "__base__":
+                with nl.disable_adapter(m):
+                    alone = m(x3[i:i + 1]).logits
+            else:
+                nl.set_adapter(m, a)
+                alone = m(x3[i:i + 1]).logits
+            assert rel(mixed[i:i + 1], alone) < 1e-5, a
+    assert not any("vera" in k or "lora_" in k for k in nl.bnb_state_dict(m))
+    nl.delete_adapter(m, "default")
+    assert not any("vera" in n for n, _ in m.named_parameters())
