@@ -46,6 +46,16 @@ def test_projections_identical_to_peft(base):
     assert not torch.equal(nl.lora.vera.vera_projections(_pair(base, key=0)[0], "default")[0], A)
 
 
+def test_projections_shared_and_not_in_state_dict(base):
+    m = nl.apply_vera(copy.deepcopy(base), TARGETS, r=8)
+    mods = [layer.vera_projections["default"] for _, layer in nl.lora.model.qlora_layers(m)]
+    assert len(mods) == 2 * len(TARGETS) and all(p is mods[0] for p in mods)
+    assert not any("vera_projections" in k for k in m.state_dict())
+    c = copy.deepcopy(m)
+    mods = [layer.vera_projections["default"] for _, layer in nl.lora.model.qlora_layers(c)]
+    assert all(p is mods[0] for p in mods) and mods[0] is c._nf4lora_vera["default"]
+
+
 def test_init_is_a_no_op(base):
     m = nl.apply_vera(copy.deepcopy(base), TARGETS, r=8)
     x = tokens()

@@ -37,6 +37,17 @@ from .nf4 import NF4Tensor, quantize_nf4
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
 
 
+class VeraProjections(nn.Module):
+    """VeRA's frozen projections of one adapter, A [r, K_max] and B [N_max, r]: ONE instance is a
+    submodule of every adapted layer, so model.to() moves it once and the layers keep sharing it.
+    Non-persistent buffers: they come back from projection_prng_key or the adapter file."""
+
+    def __init__(self, A, B):
+        super().__init__()
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+
+
 class LoraMagnitude(nn.Module):
     """DoRA's magnitude of one adapter: weight [out_features], PEFT's lora_magnitude_vector.<a>."""
 
@@ -74,7 +85,7 @@ class QLoRALinear(nn.Module):
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.vera_lambda_b = nn.ParameterDict()  # VeRA adapters: [N] and [r], with the shared
         self.vera_lambda_d = nn.ParameterDict()  # projections in self.vera_projections[name]
-        self.vera_projections = {}  # adapter -> (A [r, K_max], B [N_max, r]), shared by the model
+        self.vera_projections = nn.ModuleDict()  # adapter -> VeraProjections, shared by the model
         self.lora_config = {}  # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora)
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
@@ -128,10 +139,10 @@ class QLoRALinear(nn.Module):
                 torch.empty(self.out_features, device=dev, dtype=lora_dtype))
         self.reset_lora_parameters(init_lora_weights, adapter_name)
 
-    def add_vera_adapter(self, adapter_name, vera_A, vera_B, r, vera_dropout=0.0, d_initial=0.1,
+    def add_vera_adapter(self, adapter_name, projections, r, vera_dropout=0.0, d_initial=0.1,
                          init_weights=True, dtype=torch.float32):
-        """Add a VeRA adapter (inactive until set_adapter names it): vera_A [r_max, >= in_features]
-        and vera_B [>= out_features, r_max] are the model's shared frozen projections (not copied);
+        """Add a VeRA adapter (inactive until set_adapter names it): `projections` (VeraProjections:
+        A [>= r, >= in_features], B [>= out_features, >= r]) is the model's shared module (not copied);
         lambda_d [r] = d_initial and lambda_b [N] = 0 (PEFT's init: the adapter starts as a no-op;
         init_weights=False: lambda_d ~ N(0, 1), lambda_b = 1, PEFT's untouched values)."""
         _check_adapter_name(adapter_name)
@@ -141,12 +152,13 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"r must be a positive int, got {r!r}")
         if not 0.0 <= float(vera_dropout) < 1.0:
             raise ValueError(f"vera_dropout must be in [0, 1), got {vera_dropout}")
+        vera_A, vera_B = projections.A, projections.B
         if vera_A.dim() != 2 or vera_B.dim() != 2 or vera_A.shape[0] < r or vera_B.shape[1] < r \
                 or vera_A.shape[1] < self.in_features or vera_B.shape[0] < self.out_features:
             raise ValueError(f"vera_A {tuple(vera_A.shape)} / vera_B {tuple(vera_B.shape)} are too small "
                              f"for r={r} and this layer's {self.out_features} x {self.in_features}")
         dev = self.weight.device
-        self.vera_projections[adapter_name] = (vera_A, vera_B)
+        self.vera_projections[adapter_name] = projections
         self.vera_lambda_b[adapter_name] = nn.Parameter(torch.ones(self.out_features, device=dev, dtype=dtype))
         self.vera_lambda_d[adapter_name] = nn.Parameter(torch.randn(r, device=dev, dtype=dtype))
         if init_weights:
@@ -173,7 +185,8 @@ class QLoRALinear(nn.Module):
         """(A [r, K], B [N, r]) with y += scaling * x A^T B^T for this adapter: LoRA's own weights,
         or VeRA's lambda_d * A_s and lambda_b * B_s (differentiable in the lambdas)."""
         if self._kind(name) == "vera":
-            A, B = self.vera_projections[name]
+            P = self.vera_projections[name]
+            A, B = P.A, P.B
             ld, lb = self.vera_lambda_d[name], self.vera_lambda_b[name]
             r = ld.shape[0]
             A_s = A[:r, : self.in_features].to(device=ld.device, dtype=ld.dtype)

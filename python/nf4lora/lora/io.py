@@ -291,15 +291,13 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
                layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
                exclude_modules=cfg.get("exclude_modules"), blocksize=blocksize, double_quant=double_quant,
                adapter_name=adapter_name)
-    if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
-        A, B = weights[VERA_A].float(), weights[VERA_B].float()
-        model._nf4lora_vera[adapter_name] = (A, B)
     with torch.no_grad():
-        for n, layer in layers.items():
+        if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
+            shared = model._nf4lora_vera[adapter_name]
+            shared.A.copy_(weights[VERA_A])
+            shared.B.copy_(weights[VERA_B])
+        for n in layers:
             layer = model.get_submodule(n)
-            if has_proj:
-                dev = layer.weight.device
-                layer.vera_projections[adapter_name] = (A.to(dev), B.to(dev))
             for which in VERA_PARTS:
                 getattr(layer, which)[adapter_name].copy_(weights[f"{PREFIX}{n}.{which}"])
     adapter_configs(model)[adapter_name]["init_weights"] = cfg.get("init_weights", True)

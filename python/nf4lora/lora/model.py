@@ -184,6 +184,7 @@ def delete_adapter(model, adapter_name):
         if adapter_name in layer.lora_config:
             layer.delete_adapter(adapter_name)
     del configs[adapter_name]
+    model.__dict__.get("_nf4lora_vera", {}).pop(adapter_name, None)
     active = [a for a in active_adapters(model) if a != adapter_name]
     if not active and configs:
         active = [next(iter(configs))]

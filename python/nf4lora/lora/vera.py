@@ -6,14 +6,15 @@ trainable lambda_d [r] and lambda_b [out_features]:
   y = x W^T + b + lambda_b * ((lambda_d * (dropout(x) A[:, :K]^T)) B[:N]^T)
 
 QLoRALinear runs it through the fused op with A' = lambda_d A_s, B' = lambda_b B_s (nn.py).
-The projections live in model._nf4lora_vera[adapter] (plain attribute, deep-copies and pickles).
+The projections are one VeraProjections module per adapter, a submodule of every adapted layer
+(model.to() moves it once; named in model._nf4lora_vera[adapter] too).
 """
 import math
 
 import torch
 from torch import nn
 
-from ..nn import QLoRALinear, _check_adapter_name
+from ..nn import QLoRALinear, VeraProjections, _check_adapter_name
 from .model import _check_targets, _set_child, active_adapters, adapter_configs, set_adapter
 from .targets import find_targets
 
@@ -27,7 +28,8 @@ def kaiming_projection(shape, generator):
 
 def vera_projections(model, adapter_name):
     """(A, B) of a VeRA adapter of the model."""
-    return model.__dict__.get("_nf4lora_vera", {})[adapter_name]
+    P = model.__dict__.get("_nf4lora_vera", {})[adapter_name]
+    return P.A, P.B
 
 
 def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout=0.0, d_initial=0.1,
@@ -54,7 +56,7 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
     g = torch.Generator(device="cpu").manual_seed(projection_prng_key)
     A = kaiming_projection((r, in_max), g)   # PEFT draws A first, then B, from one generator
     B = kaiming_projection((out_max, r), g)
-    model.__dict__.setdefault("_nf4lora_vera", {})[adapter_name] = (A, B)
+    shared = VeraProjections(A, B)
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -63,9 +65,9 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
         if not isinstance(layer, QLoRALinear):
             layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
             _set_child(model, n, layer)
-        dev = layer.weight.device
-        layer.add_vera_adapter(adapter_name, A.to(dev), B.to(dev), r, vera_dropout, d_initial,
-                               init_weights)
+        shared.to(layer.weight.device)  # where the layers are (one device per model)
+        layer.add_vera_adapter(adapter_name, shared, r, vera_dropout, d_initial, init_weights)
+    model.__dict__.setdefault("_nf4lora_vera", {})[adapter_name] = shared
     configs[adapter_name] = dict(
         peft_type="VERA", r=r, target_modules=list(names) if isinstance(target_modules, str)
         and target_modules.lower() == "all-linear" else target_modules,
