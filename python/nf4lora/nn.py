@@ -10,6 +10,10 @@ VeRA adapters (add_vera_adapter, as PEFT's VERA) share frozen random projections
 B [N_max, r] across layers and train per layer lambda_d [r] and lambda_b [N]:
   y += lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T),   A_s = A[:, :K], B_s = B[:N]
 which is the fused op with A' = lambda_d A_s, B' = lambda_b B_s, scaling 1.
+AdaLoRA adapters (add_adalora_adapter, PEFT's ADALORA) are SVD-shaped: P = lora_A [r, K], the
+singular values lora_E [r, 1], Q = lora_B [N, r], and
+  y += (alpha / (r_init + 1e-5)) * dropout(x) (A * E)^T B^T
+the fused op with A' = A * E; lora/adalora.py prunes entries of E to a rank budget.
 The row norms never need a dense W: ||W_n||^2 (computed once, cached) + 2 s B_n . (W A^T)_n
 + s^2 ||(B A)_n||^2, with W A^T from the NF4 op itself (A as a batch of r rows).
 
@@ -34,7 +38,7 @@ from .nf4 import NF4Tensor, quantize_nf4
 
 # Names of adapter parameter containers in a QLoRALinear (PEFT's names): a parameter whose name has
 # ".<one of these>.<adapter>" belongs to that adapter.
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_E", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
 
 
 class VeraProjections(nn.Module):
@@ -86,6 +90,7 @@ class QLoRALinear(nn.Module):
         self.vera_lambda_b = nn.ParameterDict()  # VeRA adapters: [N] and [r], with the shared
         self.vera_lambda_d = nn.ParameterDict()  # projections in self.vera_projections[name]
         self.vera_projections = nn.ModuleDict()  # adapter -> VeraProjections, shared by the model
+        self.lora_E = nn.ParameterDict()  # AdaLoRA adapters: singular values [r, 1]
         self.lora_config = {}  # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora)
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
@@ -169,6 +174,36 @@ class QLoRALinear(nn.Module):
             kind="vera", r=r, lora_alpha=r, lora_dropout=float(vera_dropout), use_rslora=False,
             scaling=1.0, use_dora=False, d_initial=d_initial)
 
+    def add_adalora_adapter(self, adapter_name, r, lora_alpha=8, lora_dropout=0.0, init_weights=True,
+                            dtype=torch.float32):
+        """Add an AdaLoRA adapter of initial rank r (inactive until set_adapter names it):
+        lora_A [r, K], lora_B [N, r] ~ N(0, 0.02), lora_E [r, 1] = 0 (PEFT's init; init_weights=False
+        leaves PEFT's N(0, 1) draws). Scaling alpha / (r + 1e-5) for good: pruning zeroes entries of E,
+        it never changes r (PEFT's ranknum)."""
+        _check_adapter_name(adapter_name)
+        if adapter_name in self.lora_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        dev = self.weight.device
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
+        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, device=dev, dtype=dtype))
+        with torch.no_grad():
+            if init_weights:
+                self.lora_E[adapter_name].zero_()
+                self.lora_A[adapter_name].weight.normal_(0.0, 0.02)
+                self.lora_B[adapter_name].weight.normal_(0.0, 0.02)
+            else:
+                self.lora_A[adapter_name].weight.normal_()
+                self.lora_B[adapter_name].weight.normal_()
+        alpha = lora_alpha if lora_alpha > 0 else float(r)
+        self.lora_config[adapter_name] = dict(
+            kind="adalora", r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
+            use_rslora=False, use_dora=False, scaling=alpha / (float(r) + 1e-5))
+
     def _kind(self, name):
         return self.lora_config[name].get("kind", "lora")
 
@@ -177,6 +212,8 @@ class QLoRALinear(nn.Module):
         if self._kind(name) == "vera":
             return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
         ps = [self.lora_A[name].weight, self.lora_B[name].weight]
+        if name in self.lora_E:
+            ps.append(self.lora_E[name])
         if name in self.lora_magnitude_vector:
             ps.append(self.lora_magnitude_vector[name].weight)
         return ps
@@ -192,6 +229,8 @@ class QLoRALinear(nn.Module):
             A_s = A[:r, : self.in_features].to(device=ld.device, dtype=ld.dtype)
             B_s = B[: self.out_features, :r].to(device=lb.device, dtype=lb.dtype)
             return ld[:, None] * A_s, lb[:, None] * B_s
+        if name in self.lora_E:  # AdaLoRA: A * E
+            return self.lora_A[name].weight * self.lora_E[name], self.lora_B[name].weight
         return self.lora_A[name].weight, self.lora_B[name].weight
 
     def delete_adapter(self, adapter_name):
@@ -207,6 +246,8 @@ class QLoRALinear(nn.Module):
         del self.lora_config[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[adapter_name]
+        if adapter_name in self.lora_E:
+            del self.lora_E[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_names, requires_grad=True):
@@ -501,7 +542,7 @@ class QLoRALinear(nn.Module):
     def extra_repr(self):
         adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']}"
                              + (", dora" if c["use_dora"] else "")
-                             + (", vera" if c.get("kind") == "vera" else "") + ")"
+                             + (f", {c['kind']}" if c.get("kind") in ("vera", "adalora") else "") + ")"
                              for n, c in self.lora_config.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "

@@ -7,8 +7,10 @@ from .model import (apply_qlora, delete_adapter, disable_adapter, mixed_batch, p
                     quantize_model, set_adapter, trainable_parameters)
 from .targets import find_targets
 from .vera import apply_vera
+from .adalora import apply_adalora, update_and_allocate
 
 __all__ = ["apply_qlora", "quantize_model", "prepare_for_training", "set_adapter", "disable_adapter",
            "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter",
            "load_adapter", "load_bnb_state_dict", "bnb_state_dict", "find_targets",
-           "trainable_parameters", "mixed_batch", "apply_vera"]
+           "trainable_parameters", "mixed_batch", "apply_vera", "apply_adalora",
+           "update_and_allocate"]

@@ -16,6 +16,7 @@ import torch
 
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .targets import find_targets, pattern_value
+from .adalora import apply_adalora
 from .vera import apply_vera, vera_projections
 
 CONFIG_NAME = "adapter_config.json"
@@ -41,13 +42,15 @@ def _key(module, which):
 
 def save_adapter(model, save_directory, adapter_name="default"):
     """Write adapter `adapter_name` as PEFT does: adapter_config.json + adapter_model.safetensors
-    (a LoRA/DoRA adapter as peft_type LORA, a VeRA adapter as VERA)."""
+    (a LoRA/DoRA adapter as peft_type LORA, a VeRA adapter as VERA, an AdaLoRA one as ADALORA)."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"adapter {adapter_name!r} not found; the model has {sorted(configs)}")
     c = configs[adapter_name]
     if c.get("peft_type") == "VERA":
         return _save_vera(model, save_directory, adapter_name, c)
+    if c.get("peft_type") == "ADALORA":
+        return _save_adalora(model, save_directory, adapter_name, c)
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
@@ -77,6 +80,38 @@ def _write(save_directory, config, tensors):
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
     save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+ADALORA_PARTS = ("lora_A", "lora_B", "lora_E")
+
+
+def _save_adalora(model, save_directory, adapter_name, c):
+    """PEFT's ADALORA files: <module>.lora_A [k, K], .lora_B [N, k], .lora_E [k, 1] holding only the
+    k ranks the rank_pattern keeps (all init_r before the first allocation)."""
+    tensors = {}
+    pattern = c.get("rank_pattern")
+    for name, layer in qlora_layers(model):
+        if adapter_name in layer.lora_E:
+            keep = torch.tensor(pattern[f"{name}.lora_E"]) if pattern else \
+                torch.ones(layer.lora_config[adapter_name]["r"], dtype=torch.bool)
+            A, B = layer.lora_A[adapter_name].weight.detach().cpu(), layer.lora_B[adapter_name].weight.detach().cpu()
+            E = layer.lora_E[adapter_name].detach().cpu()
+            for which, t in (("lora_A", A[keep]), ("lora_B", B[:, keep]), ("lora_E", E[keep])):
+                tensors[f"{PREFIX}{name}.{which}"] = t.contiguous().clone()
+    mcfg = getattr(model, "config", None)
+    config = {
+        "peft_type": "ADALORA", "task_type": None, "inference_mode": True,
+        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        "r": 8, "init_r": c["init_r"], "target_r": c["target_r"], "lora_alpha": c["lora_alpha"],
+        "lora_dropout": c["lora_dropout"], "tinit": c["tinit"], "tfinal": c["tfinal"],
+        "deltaT": c["deltaT"], "beta1": c["beta1"], "beta2": c["beta2"],
+        "orth_reg_weight": c["orth_reg_weight"], "total_step": c["total_step"], "rank_pattern": pattern,
+        "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
+        "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
+        "init_lora_weights": c["init_lora_weights"], "bias": "none", "fan_in_fan_out": False,
+        "use_dora": False, "use_rslora": False, "modules_to_save": None,
+    }
+    _write(save_directory, config, tensors)
 
 
 def _save_vera(model, save_directory, adapter_name, c):
@@ -115,10 +150,13 @@ def _read_config(path):
             raise ValueError(f"{cpath} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cpath} must hold a JSON object")
-    if cfg.get("peft_type") not in ("LORA", "VERA"):
-        raise ValueError(f"{cpath}: peft_type must be 'LORA' or 'VERA', got {cfg.get('peft_type')!r}")
+    if cfg.get("peft_type") not in ("LORA", "VERA", "ADALORA"):
+        raise ValueError(f"{cpath}: peft_type must be 'LORA', 'VERA' or 'ADALORA', got "
+                         f"{cfg.get('peft_type')!r}")
     if cfg["peft_type"] == "VERA":
         return _check_vera_config(cpath, cfg)
+    if cfg["peft_type"] == "ADALORA":
+        return _check_adalora_config(cpath, cfg)
     for field, ok in _UNSUPPORTED.items():
         v = cfg.get(field, ok)
         if v:  # every supported value is falsy (False, None, [], {})
@@ -148,6 +186,25 @@ def _check_vera_config(cpath, cfg):
         v = cfg.get(field, default)
         if isinstance(v, bool) or not isinstance(v, int) or (field == "r" and v <= 0):
             raise ValueError(f"{cpath}: {field} must be {'a positive ' if field == 'r' else 'an '}int, got {v!r}")
+    if cfg.get("target_modules") is None:
+        raise ValueError(f"{cpath}: target_modules is missing")
+    return cfg
+
+
+def _check_adalora_config(cpath, cfg):
+    for field in ("fan_in_fan_out", "modules_to_save", "use_dora"):
+        if cfg.get(field):
+            raise NotImplementedError(f"{cpath}: {field}={cfg[field]!r} is not supported by nf4lora.load_adapter")
+    if cfg.get("bias", "none") != "none":
+        raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
+    for field, default in (("init_r", 12), ("target_r", 8)):
+        v = cfg.get(field, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{cpath}: {field} must be a positive int, got {v!r}")
+    rp = cfg.get("rank_pattern")
+    if rp is not None and not (isinstance(rp, dict) and all(
+            isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in rp.values())):
+        raise ValueError(f"{cpath}: rank_pattern must map module keys to lists of booleans")
     if cfg.get("target_modules") is None:
         raise ValueError(f"{cpath}: target_modules is missing")
     return cfg
@@ -228,6 +285,8 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     weights = _read_weights(path)
     if cfg["peft_type"] == "VERA":
         return _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
+    if cfg["peft_type"] == "ADALORA":
+        return _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     tm = cfg["target_modules"]
     names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
                          cfg.get("exclude_modules"))
@@ -301,6 +360,71 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
             for which in VERA_PARTS:
                 getattr(layer, which)[adapter_name].copy_(weights[f"{PREFIX}{n}.{which}"])
     adapter_configs(model)[adapter_name]["init_weights"] = cfg.get("init_weights", True)
+    if first:
+        set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    return model
+
+
+def _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
+    """A PEFT ADALORA adapter: per target, lora_A/B/E holding the ranks its rank_pattern keeps
+    (all init_r without one); they go back to their positions in init_r-sized tensors, the pruned
+    ranks zero (E = 0 is what pruning means), so the scaling alpha / init_r stays PEFT's."""
+    tm, init_r = cfg["target_modules"], cfg.get("init_r", 12)
+    pattern = cfg.get("rank_pattern")
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    if pattern is not None:
+        extra = set(pattern) - {f"{n}.lora_E" for n in names}
+        if extra:
+            raise ValueError(f"adapter_config.json rank_pattern names modules the config does not target: "
+                             f"{sorted(extra)[:3]}")
+    keep, want = {}, {}
+    for n in names:
+        layer = model.get_submodule(n)
+        mask = pattern.get(f"{n}.lora_E") if pattern is not None else None
+        if mask is None:
+            mask = [True] * init_r
+        if len(mask) != init_r:
+            raise ValueError(f"adapter_config.json rank_pattern['{n}.lora_E'] has {len(mask)} entries, "
+                             f"init_r is {init_r}")
+        keep[n] = torch.tensor(mask, dtype=torch.bool)
+        k = int(keep[n].sum())
+        want[f"{PREFIX}{n}.lora_A"] = (k, layer.in_features)
+        want[f"{PREFIX}{n}.lora_B"] = (layer.out_features, k)
+        want[f"{PREFIX}{n}.lora_E"] = (k, 1)
+    for key in weights:
+        if key not in want:
+            raise ValueError(f"adapter file has an unexpected key '{key}' for this ADALORA config and model")
+    for key, shape in want.items():
+        if key not in weights:
+            raise KeyError(f"adapter file is missing '{key}'")
+        t = weights[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+            raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"adapter file key '{key}' contains NaN or Inf")
+    first = not active_adapters(model)
+    apply_adalora(model, tm, init_r=init_r, target_r=cfg.get("target_r", 8),
+                  lora_alpha=cfg.get("lora_alpha", 8), lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                  tinit=cfg.get("tinit", 0), tfinal=cfg.get("tfinal", 0), deltaT=cfg.get("deltaT", 1),
+                  beta1=cfg.get("beta1", 0.85), beta2=cfg.get("beta2", 0.85),
+                  orth_reg_weight=cfg.get("orth_reg_weight", 0.5), total_step=cfg.get("total_step"),
+                  layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                  exclude_modules=cfg.get("exclude_modules"), blocksize=blocksize, double_quant=double_quant,
+                  adapter_name=adapter_name, inference_mode=not is_trainable)
+    with torch.no_grad():
+        for n in names:
+            layer, m = model.get_submodule(n), keep[n]
+            A, B, E = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight, layer.lora_E[adapter_name]
+            A.zero_(), B.zero_(), E.zero_()
+            A[m] = weights[f"{PREFIX}{n}.lora_A"].to(A.dtype)
+            B[:, m] = weights[f"{PREFIX}{n}.lora_B"].to(B.dtype)
+            E[m] = weights[f"{PREFIX}{n}.lora_E"].to(E.dtype)
+    c = adapter_configs(model)[adapter_name]
+    c["rank_pattern"] = pattern
+    c["init_lora_weights"] = cfg.get("init_lora_weights", True)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
     return model

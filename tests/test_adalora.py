@@ -1,0 +1,167 @@
+"""AdaLoRA adapters (nl.apply_adalora + nl.update_and_allocate, PEFT's ADALORA): forward, loss with
+the orthogonality regularizer and gradients against PEFT on the same (dequantized NF4) base; the
+rank allocation step for step against PEFT's RankAllocator given the same gradients; PEFT files
+both ways before and after pruning (rank_pattern); training; bad configurations."""
+import copy
+import json
+
+import pytest
+import torch
+
+import nf4lora as nl
+from model_utils import dequantized_copy, rel, tiny_llama, tokens
+
+peft = pytest.importorskip("peft")
+from peft import AdaLoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+KW = dict(init_r=6, target_r=2, total_step=12, tinit=2, tfinal=3, deltaT=2, lora_alpha=8)
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+def _ours_name(n):
+    n = n.replace("base_model.model.", "")
+    return n + ".weight" if ".lora_A." in n or ".lora_B." in n else n
+
+
+def _pair(base, scale=0.3, **kw):
+    kw = {**KW, **kw}
+    m = nl.apply_adalora(copy.deepcopy(base), TARGETS, **kw)
+    pm = get_peft_model(dequantized_copy(m, base),
+                        AdaLoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **kw))
+    ours = dict(m.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                v = torch.randn(p.shape, generator=g) * scale
+                p.copy_(v)
+                ours[_ours_name(n)].copy_(v)
+    return m, pm
+
+
+def _trainable(pm):
+    return {_ours_name(n): p for n, p in pm.named_parameters() if p.requires_grad}
+
+
+def test_loss_with_orth_reg_and_grads_match_peft(base):
+    m, pm = _pair(base)
+    x = tokens()
+    m.train(), pm.train()
+    lm, lp = m(input_ids=x, labels=x).loss, pm(input_ids=x, labels=x).loss
+    assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
+    cfg = m._nf4lora_adalora["config"]
+    with torch.no_grad():  # the regularizer is there: without it the loss is lower
+        cfg["orth_reg_weight"] = 0.0
+        plain = float(m(input_ids=x, labels=x).loss)
+        cfg["orth_reg_weight"] = KW.get("orth_reg_weight", 0.5)
+    assert plain < float(lm) - 1e-3
+    lm.backward(), lp.backward()
+    theirs, ours = _trainable(pm), {n: p for n, p in m.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys() and len(ours) == 3 * 2 * len(TARGETS)
+    for n, p in ours.items():
+        assert rel(p.grad, theirs[n].grad) < 1e-4, n
+
+
+def test_allocation_matches_peft_step_for_step(base):
+    """Same parameters and the same gradients each step -> the same pruned singular values and the
+    same rank_pattern as PEFT's RankAllocator, through warm-up, the cubic schedule and the final
+    phase."""
+    m, pm = _pair(base, scale=0.5)
+    ours, theirs = {n: p for n, p in m.named_parameters() if p.requires_grad}, _trainable(pm)
+    g = torch.Generator().manual_seed(1)
+    for step in range(KW["total_step"]):
+        with torch.no_grad():
+            for n, p in ours.items():
+                grad = torch.randn(p.shape, generator=g)
+                p.grad, theirs[n].grad = grad.clone(), grad.clone()
+                p.sub_(0.01 * grad)
+                theirs[n].sub_(0.01 * grad)
+        nl.update_and_allocate(m, step)
+        pm.base_model.update_and_allocate(step)
+        for n, p in ours.items():
+            assert torch.equal(p, theirs[n]), (step, n)
+    pattern = m._nf4lora_adapters["default"]["rank_pattern"]
+    theirs_pattern = {k.replace(".default", ""): v for k, v in pm.peft_config["default"].rank_pattern.items()}
+    assert pattern == theirs_pattern
+    kept = sum(sum(v) for v in pattern.values())
+    assert kept == KW["target_r"] * 2 * len(TARGETS)
+
+
+def test_files_both_ways(base, tmp_path):
+    x = tokens()
+    m, _ = _pair(base)
+    nl.save_adapter(m, str(tmp_path / "before"))  # no rank_pattern yet: every rank
+    ref = PeftModel.from_pretrained(dequantized_copy(m, base), str(tmp_path / "before"))
+    with torch.no_grad():
+        assert rel(m(x).logits, ref(x).logits) < 1e-5
+    # prune to the final budget, then save: only the kept ranks are written
+    g = torch.Generator().manual_seed(2)
+    for step in range(KW["total_step"]):
+        for p in m.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=g)
+        nl.update_and_allocate(m, step)
+    nl.save_adapter(m, str(tmp_path / "after"))
+    cfg = json.loads((tmp_path / "after" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"]
+    ref = PeftModel.from_pretrained(dequantized_copy(m, base), str(tmp_path / "after"))
+    with torch.no_grad():
+        assert rel(m(x).logits, ref(x).logits) < 1e-5
+    back = nl.load_adapter(copy.deepcopy(base), str(tmp_path / "after"))
+    with torch.no_grad():
+        assert rel(back(x).logits, m(x).logits) < 1e-6
+    # PEFT -> nf4lora after PEFT's own pruning
+    q = nl.quantize_model(copy.deepcopy(base), target_modules=TARGETS)
+    pm = get_peft_model(dequantized_copy(q, base), AdaLoraConfig(target_modules=TARGETS, **KW))
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(KW["total_step"]):
+        pm(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        pm.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    loaded = nl.load_adapter(q, str(tmp_path / "peft"))
+    with torch.no_grad():
+        assert rel(loaded(x).logits, pm(x).logits) < 1e-5
+
+
+def test_training_with_paged_adamw(base):
+    m = nl.apply_adalora(copy.deepcopy(base), "all-linear", **{**KW, "total_step": 20, "tfinal": 4})
+    nl.prepare_for_training(m, gradient_checkpointing=False)
+    opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2)
+    x = tokens()
+    m.train()
+    losses = []
+    for step in range(20):
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        nl.update_and_allocate(m, step)
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+    pattern = m._nf4lora_adapters["default"]["rank_pattern"]
+    n_layers = sum(1 for _ in nl.lora.model.qlora_layers(m))
+    assert sum(sum(v) for v in pattern.values()) == KW["target_r"] * n_layers
+    for key, keep in pattern.items():  # pruned singular values are zero
+        E = m.get_submodule(key[: -len(".lora_E")]).lora_E["default"]
+        assert torch.all(E[~torch.tensor(keep)] == 0)
+
+
+def test_bad_configurations(base):
+    with pytest.raises(ValueError, match="total_step"):
+        nl.apply_adalora(copy.deepcopy(base), TARGETS, init_r=4, target_r=2)
+    with pytest.raises(ValueError, match="budgeting"):
+        nl.apply_adalora(copy.deepcopy(base), TARGETS, total_step=10, tinit=6, tfinal=4)
+    m = nl.apply_adalora(copy.deepcopy(base), TARGETS, **KW)
+    with pytest.raises(ValueError, match="already trains an AdaLoRA"):
+        nl.apply_adalora(m, TARGETS, adapter_name="second", **KW)
+    with pytest.raises(ValueError, match="no trainable AdaLoRA"):
+        nl.update_and_allocate(copy.deepcopy(base), 0)
