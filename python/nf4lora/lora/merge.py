@@ -65,6 +65,6 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
         err = float((stored - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny))
         report[name] = {"rel_error": err, "adapters": use}
         _set_child(model, name, new)
-    for attr in ("_nf4lora_adapters", "_nf4lora_active", "_nf4lora_vera"):
+    for attr in ("_nf4lora_adapters", "_nf4lora_active", "_nf4lora_vera", "_nf4lora_adalora"):
         model.__dict__.pop(attr, None)
     return (model, report) if return_report else model

@@ -185,6 +185,8 @@ def delete_adapter(model, adapter_name):
             layer.delete_adapter(adapter_name)
     del configs[adapter_name]
     model.__dict__.get("_nf4lora_vera", {}).pop(adapter_name, None)
+    if model.__dict__.get("_nf4lora_adalora", {}).get("adapter") == adapter_name:
+        del model.__dict__["_nf4lora_adalora"]
     active = [a for a in active_adapters(model) if a != adapter_name]
     if not active and configs:
         active = [next(iter(configs))]
