@@ -314,6 +314,22 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     return model
 
 
+def _check_exact(weights, want, kind):
+    """The file holds exactly the keys in `want` (key -> shape), finite floating tensors."""
+    for key in weights:
+        if key not in want:
+            raise ValueError(f"adapter file has an unexpected key '{key}' for this {kind} config and model")
+    for key, shape in want.items():
+        if key not in weights:
+            raise KeyError(f"adapter file is missing '{key}'")
+        t = weights[key]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
+            raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"adapter file key '{key}' contains NaN or Inf")
+
+
 def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
     """A PEFT VERA adapter: every target's lambdas present with the right shapes, projections (if
     the file has them) of the shapes the targets need; nothing else in the file."""
@@ -331,18 +347,7 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
     has_proj = VERA_A in weights or VERA_B in weights
     if has_proj:
         want.update(proj)
-    for key, t in weights.items():
-        if key not in want:
-            raise ValueError(f"adapter file has an unexpected key '{key}' for this VERA config and model")
-    for key, shape in want.items():
-        if key not in weights:
-            raise KeyError(f"adapter file is missing '{key}'")
-        t = weights[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
-            raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"adapter file key '{key}' contains NaN or Inf")
+    _check_exact(weights, want, "VERA")
     first = not active_adapters(model)
     apply_vera(model, tm, r=r, projection_prng_key=cfg.get("projection_prng_key", 0),
                vera_dropout=cfg.get("vera_dropout", 0.0) or 0.0, d_initial=cfg.get("d_initial", 0.1),
@@ -393,18 +398,7 @@ def _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, do
         want[f"{PREFIX}{n}.lora_A"] = (k, layer.in_features)
         want[f"{PREFIX}{n}.lora_B"] = (layer.out_features, k)
         want[f"{PREFIX}{n}.lora_E"] = (k, 1)
-    for key in weights:
-        if key not in want:
-            raise ValueError(f"adapter file has an unexpected key '{key}' for this ADALORA config and model")
-    for key, shape in want.items():
-        if key not in weights:
-            raise KeyError(f"adapter file is missing '{key}'")
-        t = weights[key]
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
-            raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"adapter file key '{key}' contains NaN or Inf")
+    _check_exact(weights, want, "ADALORA")
     first = not active_adapters(model)
     apply_adalora(model, tm, init_r=init_r, target_r=cfg.get("target_r", 8),
                   lora_alpha=cfg.get("lora_alpha", 8), lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
