@@ -169,3 +169,33 @@ def test_bad_configurations(base):
     assert "_nf4lora_adalora" not in m.__dict__ and not any(".lora_E." in n for n, _ in m.named_parameters())
     with torch.no_grad():
         m(input_ids=tokens(), labels=tokens())
+
+
+def test_bad_adalora_files(base, tmp_path):
+    from safetensors.torch import load_file, save_file
+    m, _ = _pair(base)
+    nl.save_adapter(m, str(tmp_path))
+    cfg_path, w_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    good_cfg, good_w = cfg_path.read_text(), load_file(str(w_path))
+
+    def attempt(cfg_edit=None, w_edit=None):
+        cfg, w = json.loads(good_cfg), dict(good_w)
+        if cfg_edit:
+            cfg_edit(cfg)
+        if w_edit:
+            w_edit(w)
+        cfg_path.write_text(json.dumps(cfg))
+        save_file(w, str(w_path))
+        fresh = copy.deepcopy(base)
+        try:
+            nl.load_adapter(fresh, str(tmp_path))
+        finally:  # nothing changed on failure
+            assert not any(isinstance(l, nl.QLoRALinear) for l in fresh.modules())
+
+    key = "model.layers.0.self_attn.q_proj.lora_E"
+    with pytest.raises(ValueError, match="has 3 entries, init_r is 6"):
+        attempt(cfg_edit=lambda c: c.__setitem__("rank_pattern", {key: [True, False, True]}))
+    with pytest.raises(ValueError, match=r"lora_A' must be a floating tensor of shape \(2, 64\)"):
+        attempt(cfg_edit=lambda c: c.__setitem__("rank_pattern", {key: [True, False, True, False, False, False]}))
+    with pytest.raises(KeyError, match="q_proj.lora_E"):
+        attempt(w_edit=lambda w: w.pop("base_model.model." + key))
