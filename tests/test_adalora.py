@@ -158,6 +158,16 @@ def test_training_with_paged_adamw(base):
 def test_bad_configurations(base):
     with pytest.raises(ValueError, match="total_step"):
         nl.apply_adalora(copy.deepcopy(base), TARGETS, init_r=4, target_r=2)
+    with pytest.raises(ValueError, match="tinit must be an int"):
+        nl.apply_adalora(copy.deepcopy(base), TARGETS, total_step=10, tinit=1.5)
+    with pytest.raises(ValueError, match="beta1 must be a number in"):
+        nl.apply_adalora(copy.deepcopy(base), TARGETS, total_step=10, beta1=1.0)
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+        nl.apply_adalora(copy.deepcopy(base), TARGETS, total_step=10, lora_alpha="8")
+    fresh = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="lora_dropout must be a number in"):
+        nl.apply_adalora(fresh, TARGETS, total_step=10, lora_dropout=1.5)
+    assert not any(isinstance(l, nl.QLoRALinear) for l in fresh.modules())
     with pytest.raises(ValueError, match="budgeting"):
         nl.apply_adalora(copy.deepcopy(base), TARGETS, total_step=10, tinit=6, tfinal=4)
     m = nl.apply_adalora(copy.deepcopy(base), TARGETS, **KW)

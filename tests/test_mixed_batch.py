@@ -73,6 +73,9 @@ def test_matches_peft_adapter_names(base):
 def test_errors(base):
     m = _three_adapters(base)
     x = tokens(batch=3)
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        with nl.mixed_batch(m, "default"):
+            pass
     with pytest.raises(ValueError, match="'nope' is not an adapter"):
         with nl.mixed_batch(m, ["default", "nope", "b"]):
             pass

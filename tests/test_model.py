@@ -325,3 +325,17 @@ def test_loraplus_with_peft_helper_and_paged_adamw(base):
         losses.append(float(loss))
     assert losses[-1] < losses[0], losses
     assert any(st["exp_avg"].dtype == torch.uint8 for st in opt.state.values())
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(lora_dropout=1.0), "lora_dropout must be a number in"),
+    (dict(lora_alpha=float("nan")), "lora_alpha for .* must be a finite number"),
+    (dict(alpha_pattern={"q_proj": "2"}), "lora_alpha for .*q_proj.* must be a finite number"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights must be"),
+])
+def test_apply_qlora_bad_hyperparameters_leave_model_untouched(base, kw, match):
+    m = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=match):
+        nl.apply_qlora(m, TARGETS, r=4, **kw)
+    assert not any(isinstance(l, nl.QLoRALinear) for l in m.modules())
+    assert all(p.requires_grad for p in m.parameters())

@@ -122,6 +122,16 @@ def test_files_both_ways(base, tmp_path, save_projection):
         assert rel(loaded(x).logits, pm(x).logits) < 1e-5
 
 
+def test_bad_arguments(base):
+    for kw, match in ((dict(r=0), "r must be a positive int"), (dict(projection_prng_key=1.5), "projection_prng_key"),
+                      (dict(d_initial="x"), "d_initial must be a finite number"),
+                      (dict(vera_dropout=1.0), "vera_dropout must be a number in")):
+        m = copy.deepcopy(base)
+        with pytest.raises(ValueError, match=match):
+            nl.apply_vera(m, TARGETS, **{"r": 8, **kw})
+        assert not any(isinstance(l, nl.QLoRALinear) for l in m.modules())  # untouched
+
+
 def test_bad_vera_files(base, tmp_path):
     m, _ = _pair(base)
     nl.save_adapter(m, str(tmp_path))

@@ -13,10 +13,13 @@ its uncertainty with beta2, triplet scores, a cubic budget schedule over [tinit,
 final mask kept for the last tfinal steps), so the same gradients give the same masks. The final
 mask is the adapter's rank_pattern, which save_adapter uses to write only the kept ranks.
 """
+import math
+
 import torch
 
 from ..nn import QLoRALinear, _check_adapter_name
-from .model import _check_targets, _set_child, active_adapters, adapter_configs, qlora_layers, set_adapter
+from .model import (_check_dropout, _check_targets, _set_child, active_adapters, adapter_configs,
+                    qlora_layers, set_adapter)
 from .targets import find_targets
 
 
@@ -63,6 +66,12 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
     for field, v in (("init_r", init_r), ("target_r", target_r), ("deltaT", deltaT)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{field} must be a positive int, got {v!r}")
+    for field, v in (("tinit", tinit), ("tfinal", tfinal)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{field} must be an int >= 0, got {v!r}")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    _check_dropout("lora_dropout", lora_dropout)
     if not inference_mode:
         if isinstance(total_step, bool) or not isinstance(total_step, int) or total_step <= 0:
             raise ValueError("AdaLoRA needs total_step, the number of training steps (an int > 0), "
@@ -73,11 +82,12 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
         if "_nf4lora_adalora" in model.__dict__:
             raise ValueError("the model already trains an AdaLoRA adapter; add further ones with "
                              "inference_mode=True")
-    if orth_reg_weight < 0:
-        raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}")
-    for field, v in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 < v < 1.0:
-            raise ValueError(f"{field} must be in (0, 1), got {v}")
+    for field, v, lo, hi in (("orth_reg_weight", orth_reg_weight, 0.0, math.inf),
+                             ("beta1", beta1, 0.0, 1.0), ("beta2", beta2, 0.0, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                lo <= v < hi if field == "orth_reg_weight" else lo < v < hi):
+            raise ValueError(f"{field} must be a number in {'[0, inf)' if field == 'orth_reg_weight' else '(0, 1)'}, "
+                             f"got {v!r}")
     if isinstance(target_modules, (set, tuple)):
         target_modules = sorted(target_modules)
     names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)

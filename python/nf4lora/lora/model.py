@@ -7,6 +7,7 @@ to write adapter_config.json lives in `model._nf4lora_adapters` (adapter -> conf
 active adapters in `model._nf4lora_active`: plain attributes, so the model deep-copies and pickles.
 """
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -32,6 +33,12 @@ def _set_child(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _check_dropout(name, p):
+    """Checked before a model is touched (QLoRALinear checks again per layer)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
 
 
 def _check_targets(model, names, what):
@@ -67,9 +74,14 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
     _check_targets(model, names, f"target_modules={target_modules!r}")
     plan = [(n, pattern_value(rank_pattern, n, r), pattern_value(alpha_pattern, n, lora_alpha))
             for n in names]
-    for n, ri, _ in plan:
+    for n, ri, ai in plan:
         if isinstance(ri, bool) or not isinstance(ri, int) or ri <= 0:
             raise ValueError(f"rank for '{n}' must be a positive int, got {ri!r}")
+        if isinstance(ai, bool) or not isinstance(ai, (int, float)) or not math.isfinite(ai):
+            raise ValueError(f"lora_alpha for '{n}' must be a finite number, got {ai!r}")
+    _check_dropout("lora_dropout", lora_dropout)
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
     for p in model.parameters():
         p.requires_grad_(False)
@@ -153,6 +165,9 @@ def mixed_batch(model, adapter_names):
         with nl.mixed_batch(model, ["default", "__base__", "french"]):
             logits = model(input_ids).logits      # input_ids [3, T]
     """
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError("adapter_names must be a list with one adapter name per batch row, got "
+                        f"{type(adapter_names).__name__}")
     names = list(adapter_names)
     known = adapter_configs(model)
     for n in names:

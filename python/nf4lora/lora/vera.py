@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..nn import QLoRALinear, VeraProjections, _check_adapter_name
-from .model import _check_targets, _set_child, active_adapters, adapter_configs, set_adapter
+from .model import _check_dropout, _check_targets, _set_child, active_adapters, adapter_configs, set_adapter
 from .targets import find_targets
 
 
@@ -47,6 +47,9 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
         raise ValueError(f"r must be a positive int, got {r!r}")
     if isinstance(projection_prng_key, bool) or not isinstance(projection_prng_key, int):
         raise ValueError(f"projection_prng_key must be an int, got {projection_prng_key!r}")
+    if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+        raise ValueError(f"d_initial must be a finite number, got {d_initial!r}")
+    _check_dropout("vera_dropout", vera_dropout)
     if isinstance(target_modules, (set, tuple)):
         target_modules = sorted(target_modules)
     names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
