@@ -7,7 +7,7 @@ registered as torch custom ops. See DESIGN.md for the architecture.
 from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .nn import QLoRALinear
-from .lora import (apply_adalora, apply_qlora, apply_vera, bnb_state_dict, delete_adapter,
+from .lora import (add_weighted_adapter, apply_adalora, apply_qlora, apply_vera, bnb_state_dict, delete_adapter,
                    disable_adapter, load_adapter, load_bnb_state_dict, merge_adapter, merge_and_unload,
                    mixed_batch, prepare_for_training, quantize_model, save_adapter, set_adapter,
                    unmerge_adapter, update_and_allocate)
@@ -19,4 +19,4 @@ __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_l
            "QLoRALinear", "apply_qlora", "quantize_model", "prepare_for_training", "save_adapter",
            "load_adapter", "set_adapter", "disable_adapter", "delete_adapter", "merge_adapter",
            "unmerge_adapter", "merge_and_unload", "load_bnb_state_dict", "bnb_state_dict",
-           "mixed_batch", "apply_vera", "apply_adalora", "update_and_allocate", "PagedAdamW"]
+           "mixed_batch", "apply_vera", "apply_adalora", "update_and_allocate", "add_weighted_adapter", "PagedAdamW"]

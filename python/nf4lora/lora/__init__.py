@@ -2,7 +2,7 @@
 bitsandbytes checkpoints."""
 from .bnb import bnb_state_dict, load_bnb_state_dict
 from .io import load_adapter, save_adapter
-from .merge import merge_adapter, merge_and_unload, unmerge_adapter
+from .merge import add_weighted_adapter, merge_adapter, merge_and_unload, unmerge_adapter
 from .model import (apply_qlora, delete_adapter, disable_adapter, mixed_batch, prepare_for_training,
                     quantize_model, set_adapter, trainable_parameters)
 from .targets import find_targets
@@ -13,4 +13,4 @@ __all__ = ["apply_qlora", "quantize_model", "prepare_for_training", "set_adapter
            "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter",
            "load_adapter", "load_bnb_state_dict", "bnb_state_dict", "find_targets",
            "trainable_parameters", "mixed_batch", "apply_vera", "apply_adalora",
-           "update_and_allocate"]
+           "update_and_allocate", "add_weighted_adapter"]

@@ -1,4 +1,4 @@
-"""Merging adapters into the base weight.
+"""Merging adapters into the base weight, and into each other (add_weighted_adapter).
 
 merge_adapter / unmerge_adapter fold the active adapters into a dense weight that forward uses, and
 drop it again; the NF4 codes are kept, so unmerging is exact (PEFT re-quantizes a merged 4-bit
@@ -6,6 +6,8 @@ layer, which is lossy both ways). merge_and_unload returns plain nn.Linear layer
 W_dequant + sum s B A, in the original weight dtype unless told otherwise, or, with requantize,
 NF4 layers without adapters plus the error the re-quantization added.
 """
+import math
+
 import torch
 
 from ..nf4 import quantize_nf4
@@ -68,3 +70,99 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
     for attr in ("_nf4lora_adapters", "_nf4lora_active", "_nf4lora_vera", "_nf4lora_adalora"):
         model.__dict__.pop(attr, None)
     return (model, report) if return_report else model
+
+
+COMBINATIONS = ("svd", "linear", "cat")
+
+
+@torch.no_grad()
+def add_weighted_adapter(model, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
+                         svd_clamp=None, svd_full_matrices=True):
+    """A new LoRA adapter `adapter_name` mixing existing ones, as PEFT's add_weighted_adapter
+    (added inactive and frozen; set_adapter to use it). combination_type:
+      "cat"     A = [w_i s_i A_i] stacked, B = [B_i] side by side: exactly sum_i w_i s_i B_i A_i,
+                rank = sum of the ranks;
+      "svd"     the best rank-svd_rank (default: the largest rank) approximation of
+                sum_i w_i s_i B_i A_i (torch.linalg.svd; svd_clamp clamps to that quantile);
+      "linear"  A = sum sign_i sqrt|w_i s_i| A_i, B = sum sqrt|w_i s_i| B_i (equal ranks; a rough
+                approximation, as PEFT warns).
+    The new adapter has scaling 1 (r = lora_alpha = its rank), PEFT's convention. Plain LoRA
+    adapters only (DoRA, VeRA and AdaLoRA adapters raise)."""
+    from .model import _check_adapter_name, adapter_configs
+
+    _check_adapter_name(adapter_name)
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    adapters = [adapters] if isinstance(adapters, str) else list(adapters)
+    weights = list(weights)
+    if not adapters or len(weights) != len(adapters):
+        raise ValueError(f"weights must give one number per adapter: {len(adapters)} adapters, "
+                         f"{len(weights)} weights")
+    for a, w in zip(adapters, weights):
+        if a not in configs:
+            raise ValueError(f"adapter {a!r} not found; the model has {sorted(configs)}")
+        c = configs[a]
+        if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora"):
+            raise NotImplementedError(f"add_weighted_adapter mixes plain LoRA adapters; {a!r} is "
+                                      f"{'DoRA' if c.get('use_dora') else c.get('peft_type')}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weight for {a!r} must be a finite number, got {w!r}")
+    if combination_type not in COMBINATIONS:
+        raise NotImplementedError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    combination_type = "linear" if len(adapters) == 1 else combination_type
+    ranks = [max([configs[a]["r"], *configs[a]["rank_pattern"].values()]) for a in adapters]
+    if combination_type == "linear":
+        if len(set(ranks)) != 1:
+            raise ValueError(f"combination_type 'linear' needs adapters of one rank, got {ranks}")
+        new_r = ranks[0]
+    elif combination_type == "cat":
+        new_r = sum(ranks)
+    else:
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
+            raise ValueError(f"svd_rank must be a positive int, got {svd_rank!r}")
+        new_r = svd_rank or max(ranks)
+    kinds = {type(configs[a]["target_modules"]) for a in adapters}
+    if len(kinds) > 1:
+        raise ValueError("the adapters' target_modules mix a regex string and lists; PEFT refuses that too")
+    if kinds == {str}:
+        target_modules = "|".join(f"({configs[a]['target_modules']})" for a in adapters)
+    else:
+        target_modules = sorted(set().union(*(configs[a]["target_modules"] for a in adapters)))
+
+    layers = [(n, layer) for n, layer in qlora_layers(model) if any(a in layer.lora_config for a in adapters)]
+    for _, layer in layers:
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_config]
+        ref = layer.lora_A[present[0][0]].weight
+        layer.add_adapter(adapter_name, new_r, new_r, 0.0, lora_dtype=ref.dtype)
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        A.zero_(), B.zero_()
+        if combination_type == "cat":
+            As = [layer.lora_A[a].weight * (w * layer.lora_config[a]["scaling"]) for a, w in present]
+            Bs = [layer.lora_B[a].weight for a, _ in present]
+            k = sum(t.shape[0] for t in As)
+            A[:k] = torch.cat(As, dim=0)
+            B[:, :k] = torch.cat(Bs, dim=1)
+        elif combination_type == "linear":
+            for a, w in present:
+                ws = w * layer.lora_config[a]["scaling"]
+                A += math.copysign(math.sqrt(abs(ws)), ws) * layer.lora_A[a].weight
+                B += math.sqrt(abs(ws)) * layer.lora_B[a].weight
+        else:
+            delta = sum(w * layer.delta_weight(a) for a, w in present)
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices)
+            k = min(new_r, S.shape[0])  # < new_r when the layer is smaller than the rank asked for
+            U = U[:, :k] @ torch.diag(S[:k])
+            Vh = Vh[:k, :]
+            if svd_clamp is not None:
+                hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), svd_clamp)
+                U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+            A[:k] = Vh.to(A.dtype)
+            B[:, :k] = U.to(B.dtype)
+        for p in layer._adapter_params(adapter_name):  # added frozen and inactive (PEFT)
+            p.requires_grad_(False)
+    base_cfg = dict(configs[adapters[0]])
+    base_cfg.update(r=new_r, lora_alpha=new_r, lora_dropout=0.0, target_modules=target_modules,
+                    rank_pattern={}, alpha_pattern={}, use_rslora=False)
+    configs[adapter_name] = base_cfg
+    return model
