@@ -209,3 +209,19 @@ def test_bad_adalora_files(base, tmp_path):
         attempt(cfg_edit=lambda c: c.__setitem__("rank_pattern", {key: [True, False, True, False, False, False]}))
     with pytest.raises(KeyError, match="q_proj.lora_E"):
         attempt(w_edit=lambda w: w.pop("base_model.model." + key))
+
+
+def test_merge_and_mixed_batch(base):
+    m, pm = _pair(base)
+    x = tokens(batch=3)
+    with torch.no_grad():
+        want = pm(x).logits
+        nl.merge_adapter(m)
+        assert rel(m(x).logits, want) < 1e-5
+        nl.unmerge_adapter(m)
+        m.eval()
+        with nl.mixed_batch(m, ["default", "__base__", "default"]):
+            mixed = m(x).logits
+        assert rel(mixed[[0, 2]], want[[0, 2]]) < 1e-5
+        merged = nl.merge_and_unload(copy.deepcopy(m))
+        assert rel(merged(x).logits, want) < 1e-5
