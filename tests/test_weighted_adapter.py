@@ -1,6 +1,6 @@
-"""add_weighted_adapter (PEFT's, for plain LoRA adapters): "cat", "svd" and "linear" mixtures of
-adapters with different targets, ranks and negative weights give PEFT's model on the same
-(dequantized NF4) base; "cat" is exact; files of the mixed adapter load in PEFT; bad calls raise."""
+"""add_weighted_adapter (PEFT's, for plain LoRA adapters): every combination type (cat, svd,
+linear, ties, dare, magnitude pruning and their svd forms) on adapters with different targets,
+ranks and negative weights gives PEFT's model on the same (dequantized NF4) base; "cat" is exact; files of the mixed adapter load in PEFT; bad calls raise."""
 import copy
 
 import pytest
@@ -34,12 +34,18 @@ def _pair(base, same_rank=False):
     return m.eval(), pm.eval()
 
 
-@pytest.mark.parametrize("combination,kw", [("cat", {}), ("svd", {}), ("svd", dict(svd_rank=3)),
-                                            ("svd", dict(svd_clamp=0.99)), ("linear", {})])
+@pytest.mark.parametrize("combination,kw", [
+    ("cat", {}), ("svd", {}), ("svd", dict(svd_rank=3)), ("svd", dict(svd_clamp=0.99)), ("linear", {}),
+    ("ties", dict(density=0.5)), ("ties", dict(density=0.3, majority_sign_method="frequency")),
+    ("magnitude_prune", dict(density=0.4)), ("dare_linear", dict(density=0.6)), ("dare_ties", dict(density=0.6)),
+    ("ties_svd", dict(density=0.5)), ("dare_linear_svd", dict(density=0.7)),
+    ("dare_ties_svd", dict(density=0.7)), ("magnitude_prune_svd", dict(density=0.5))])
 def test_matches_peft(base, combination, kw):
-    m, pm = _pair(base, same_rank=combination == "linear")
+    m, pm = _pair(base, same_rank=not combination.endswith("svd") and combination != "cat")
     weights = [0.7, -1.3]
+    torch.manual_seed(11)  # dare_* draw their masks from torch's RNG, in the same order as PEFT
     nl.add_weighted_adapter(m, ["default", "b"], weights, "mix", combination_type=combination, **kw)
+    torch.manual_seed(11)
     pm.add_weighted_adapter(["default", "b"], weights, "mix", combination_type=combination, **kw)
     nl.set_adapter(m, "mix")
     pm.set_adapter("mix")
@@ -78,8 +84,10 @@ def test_bad_calls(base):
         nl.add_weighted_adapter(m, ["default", "nope"], [1.0, 1.0], "mix")
     with pytest.raises(ValueError, match="one rank"):
         nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
-    with pytest.raises(NotImplementedError, match="combination_type must be one of"):
-        nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="ties")
+    with pytest.raises(ValueError, match="combination_type must be one of"):
+        nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="bogus")
+    with pytest.raises(ValueError, match="density must be a number"):
+        nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="ties_svd")
     with pytest.raises(ValueError, match="already exists"):
         nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "b")
     d = nl.apply_qlora(copy.deepcopy(base), ["q_proj"], r=2, use_dora=True)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..nf4 import quantize_nf4
+from .mixing import mix
 from ..nn import QLoRALinear
 from .model import _set_child, active_adapters, qlora_layers
 
@@ -72,12 +73,14 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
     return (model, report) if return_report else model
 
 
-COMBINATIONS = ("svd", "linear", "cat")
+COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
 
 
 @torch.no_grad()
 def add_weighted_adapter(model, adapters, weights, adapter_name, combination_type="svd", svd_rank=None,
-                         svd_clamp=None, svd_full_matrices=True):
+                         svd_clamp=None, svd_full_matrices=True, density=None,
+                         majority_sign_method="total"):
     """A new LoRA adapter `adapter_name` mixing existing ones, as PEFT's add_weighted_adapter
     (added inactive and frozen; set_adapter to use it). combination_type:
       "cat"     A = [w_i s_i A_i] stacked, B = [B_i] side by side: exactly sum_i w_i s_i B_i A_i,
@@ -85,7 +88,10 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
       "svd"     the best rank-svd_rank (default: the largest rank) approximation of
                 sum_i w_i s_i B_i A_i (torch.linalg.svd; svd_clamp clamps to that quantile);
       "linear"  A = sum sign_i sqrt|w_i s_i| A_i, B = sum sqrt|w_i s_i| B_i (equal ranks; a rough
-                approximation, as PEFT warns).
+                approximation, as PEFT warns);
+      "ties", "dare_linear", "dare_ties", "magnitude_prune": "linear" with A and B mixed by that
+                method (lora/mixing.py; density, majority_sign_method), and their "_svd" forms:
+                "svd" of the delta weights mixed by that method. dare_* draw from torch's RNG.
     The new adapter has scaling 1 (r = lora_alpha = its rank), PEFT's convention. Plain LoRA
     adapters only (DoRA, VeRA and AdaLoRA adapters raise)."""
     from .model import _check_adapter_name, adapter_configs
@@ -109,12 +115,20 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weight for {a!r} must be a finite number, got {w!r}")
     if combination_type not in COMBINATIONS:
-        raise NotImplementedError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+        raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     combination_type = "linear" if len(adapters) == 1 else combination_type
+    svd_family = combination_type.endswith("svd")
+    method = combination_type[: -len("_svd")] if svd_family and combination_type != "svd" else (
+        "linear" if svd_family or combination_type == "cat" else combination_type)
+    if method != "linear" and (density is None or isinstance(density, bool)
+                               or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0):
+        raise ValueError(f"density must be a number in [0, 1] for {combination_type!r}, got {density!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     ranks = [max([configs[a]["r"], *configs[a]["rank_pattern"].values()]) for a in adapters]
-    if combination_type == "linear":
+    if not svd_family and combination_type != "cat":
         if len(set(ranks)) != 1:
-            raise ValueError(f"combination_type 'linear' needs adapters of one rank, got {ranks}")
+            raise ValueError(f"combination_type {combination_type!r} needs adapters of one rank, got {ranks}")
         new_r = ranks[0]
     elif combination_type == "cat":
         new_r = sum(ranks)
@@ -131,10 +145,11 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
         target_modules = sorted(set().union(*(configs[a]["target_modules"] for a in adapters)))
 
     layers = [(n, layer) for n, layer in qlora_layers(model) if any(a in layer.lora_config for a in adapters)]
+    for _, layer in layers:  # first every new adapter, then the mixing: PEFT's order of RNG draws
+        first = next(a for a in adapters if a in layer.lora_config)
+        layer.add_adapter(adapter_name, new_r, new_r, 0.0, lora_dtype=layer.lora_A[first].weight.dtype)
     for _, layer in layers:
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_config]
-        ref = layer.lora_A[present[0][0]].weight
-        layer.add_adapter(adapter_name, new_r, new_r, 0.0, lora_dtype=ref.dtype)
         A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
         A.zero_(), B.zero_()
         if combination_type == "cat":
@@ -143,13 +158,18 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
             k = sum(t.shape[0] for t in As)
             A[:k] = torch.cat(As, dim=0)
             B[:, :k] = torch.cat(Bs, dim=1)
-        elif combination_type == "linear":
-            for a, w in present:
-                ws = w * layer.lora_config[a]["scaling"]
-                A += math.copysign(math.sqrt(abs(ws)), ws) * layer.lora_A[a].weight
-                B += math.sqrt(abs(ws)) * layer.lora_B[a].weight
+        elif not svd_family:  # mix A's and B's (sqrt of |w s| on both, its sign on A)
+            ws = [w * layer.lora_config[a]["scaling"] for a, w in present]
+            wa = torch.tensor([math.copysign(math.sqrt(abs(v)), v) for v in ws], device=A.device)
+            wb = torch.tensor([math.sqrt(abs(v)) for v in ws], device=B.device)
+            A.copy_(mix([layer.lora_A[a].weight for a, _ in present], wa, method, density,
+                        majority_sign_method).to(A.dtype))
+            B.copy_(mix([layer.lora_B[a].weight for a, _ in present], wb, method, density,
+                        majority_sign_method).to(B.dtype))
         else:
-            delta = sum(w * layer.delta_weight(a) for a, w in present)
+            deltas = [layer.delta_weight(a) for a, _ in present]
+            delta = mix(deltas, torch.tensor([w for _, w in present], device=deltas[0].device), method,
+                        density, majority_sign_method)
             U, S, Vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices)
             k = min(new_r, S.shape[0])  # < new_r when the layer is smaller than the rank asked for
             U = U[:, :k] @ torch.diag(S[:k])
