@@ -1,9 +1,12 @@
-"""Adapters in PEFT's on-disk format (LoRA, PEFT 0.21):
+"""Adapters in PEFT's on-disk format (PEFT 0.21), adapter_config.json + adapter_model.safetensors:
 
-  adapter_config.json         {"peft_type": "LORA", "r", "lora_alpha", "target_modules", "use_dora", ...}
-  adapter_model.safetensors   base_model.model.<module>.lora_A.weight [r, in_features]
-                              base_model.model.<module>.lora_B.weight [out_features, r]
-                              base_model.model.<module>.lora_magnitude_vector [out_features] (DoRA)
+  LORA     base_model.model.<module>.lora_A.weight [r, in_features]
+           base_model.model.<module>.lora_B.weight [out_features, r]
+           base_model.model.<module>.lora_magnitude_vector [out_features]      (use_dora)
+  VERA     base_model.model.<module>.vera_lambda_b [out_features], .vera_lambda_d [r]
+           base_model.vera_A [r, in_max], base_model.vera_B [out_max, r]        (save_projection)
+  ADALORA  base_model.model.<module>.lora_A [k, in], .lora_B [out, k], .lora_E [k, 1]: the k ranks
+           the config's rank_pattern keeps (all init_r without one)
 
 The adapter name is not part of the keys (PEFT strips it). load_adapter checks the whole file
 against the model and the config before changing anything: a missing or unexpected key, a wrong
@@ -14,9 +17,9 @@ import os
 
 import torch
 
+from .adalora import apply_adalora
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .targets import find_targets, pattern_value
-from .adalora import apply_adalora
 from .vera import apply_vera, vera_projections
 
 CONFIG_NAME = "adapter_config.json"
