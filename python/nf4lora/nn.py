@@ -66,6 +66,11 @@ def _check_adapter_name(name):
     return name
 
 
+def _check_layer_dropout(name, p):
+    if not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
+
+
 class QLoRALinear(nn.Module):
     def __init__(self, weight: NF4Tensor, bias=None, r=8, lora_alpha=8, lora_dropout=0.0,
                  use_rslora=False, init_lora_weights=True, lora_dtype=torch.float32,
@@ -118,20 +123,22 @@ class QLoRALinear(nn.Module):
                    adapter_name=adapter_name, use_dora=use_dora)
 
     # ---------------------------------------------------------------- adapters
-    def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, lora_dtype=torch.float32, use_dora=False):
-        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT); use_dora=True makes
-        it a DoRA adapter (magnitude initialised to ||W + s B A||_row, as PEFT)."""
+    def _check_new_adapter(self, adapter_name, r):
         _check_adapter_name(adapter_name)
         if adapter_name in self.lora_config:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
+
+    def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights=True, lora_dtype=torch.float32, use_dora=False):
+        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT); use_dora=True makes
+        it a DoRA adapter (magnitude initialised to ||W + s B A||_row, as PEFT)."""
+        self._check_new_adapter(adapter_name, r)
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) \
                 or not math.isfinite(lora_alpha):
             raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        _check_layer_dropout("lora_dropout", lora_dropout)
         dev = self.weight.device
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=lora_dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=lora_dtype)
@@ -150,13 +157,8 @@ class QLoRALinear(nn.Module):
         A [>= r, >= in_features], B [>= out_features, >= r]) is the model's shared module (not copied);
         lambda_d [r] = d_initial and lambda_b [N] = 0 (PEFT's init: the adapter starts as a no-op;
         init_weights=False: lambda_d ~ N(0, 1), lambda_b = 1, PEFT's untouched values)."""
-        _check_adapter_name(adapter_name)
-        if adapter_name in self.lora_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(vera_dropout) < 1.0:
-            raise ValueError(f"vera_dropout must be in [0, 1), got {vera_dropout}")
+        self._check_new_adapter(adapter_name, r)
+        _check_layer_dropout("vera_dropout", vera_dropout)
         vera_A, vera_B = projections.A, projections.B
         if vera_A.dim() != 2 or vera_B.dim() != 2 or vera_A.shape[0] < r or vera_B.shape[1] < r \
                 or vera_A.shape[1] < self.in_features or vera_B.shape[0] < self.out_features:
@@ -180,13 +182,8 @@ class QLoRALinear(nn.Module):
         lora_A [r, K], lora_B [N, r] ~ N(0, 0.02), lora_E [r, 1] = 0 (PEFT's init; init_weights=False
         leaves PEFT's N(0, 1) draws). Scaling alpha / (r + 1e-5) for good: pruning zeroes entries of E,
         it never changes r (PEFT's ranknum)."""
-        _check_adapter_name(adapter_name)
-        if adapter_name in self.lora_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self._check_new_adapter(adapter_name, r)
+        _check_layer_dropout("lora_dropout", lora_dropout)
         dev = self.weight.device
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)

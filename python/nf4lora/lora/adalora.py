@@ -17,10 +17,8 @@ import math
 
 import torch
 
-from ..nn import QLoRALinear, _check_adapter_name
-from .model import (_check_dropout, _check_targets, _set_child, active_adapters, adapter_configs,
-                    qlora_layers, set_adapter)
-from .targets import find_targets
+from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
+                    _targets_record, adapter_configs, qlora_layers)
 
 
 def _state(model):
@@ -58,11 +56,6 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
     freeze every other parameter; return the model. total_step (the number of training steps) is
     required, as in PEFT; a model trains one AdaLoRA adapter at a time (inference_mode=True adds a
     frozen one, e.g. for loading)."""
-    _check_adapter_name(adapter_name)
-    configs = adapter_configs(model)
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
-                         "another adapter_name")
     for field, v in (("init_r", init_r), ("target_r", target_r), ("deltaT", deltaT)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{field} must be a positive int, got {v!r}")
@@ -88,28 +81,18 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
                 lo <= v < hi if field == "orth_reg_weight" else lo < v < hi):
             raise ValueError(f"{field} must be a number in {'[0, inf)' if field == 'orth_reg_weight' else '(0, 1)'}, "
                              f"got {v!r}")
-    if isinstance(target_modules, (set, tuple)):
-        target_modules = sorted(target_modules)
-    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
-    _check_targets(model, names, f"target_modules={target_modules!r}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        layer = model.get_submodule(n)
-        if not isinstance(layer, QLoRALinear):
-            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
-            _set_child(model, n, layer)
+    target_modules, names = _new_adapter_targets(model, adapter_name, target_modules, layers_to_transform,
+                                                 layers_pattern, exclude_modules)
+    for layer in _adaptable_layers(model, names, blocksize, double_quant):
         layer.add_adalora_adapter(adapter_name, init_r, lora_alpha, lora_dropout, init_lora_weights)
     cfg = dict(peft_type="ADALORA", init_r=init_r, target_r=target_r, lora_alpha=lora_alpha,
                lora_dropout=float(lora_dropout), tinit=tinit, tfinal=tfinal, deltaT=deltaT,
                beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight, total_step=total_step,
                rank_pattern=None, init_lora_weights=init_lora_weights,
-               target_modules=list(names) if isinstance(target_modules, str)
-               and target_modules.lower() == "all-linear" else target_modules,
+               **_targets_record(target_modules, names, exclude_modules),
                layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-               exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
-               else exclude_modules, blocksize=blocksize, double_quant=double_quant)
-    configs[adapter_name] = cfg
+               blocksize=blocksize, double_quant=double_quant)
+    adapter_configs(model)[adapter_name] = cfg
     if not inference_mode:
         init_bgt = sum(model.get_submodule(n).lora_config[adapter_name]["r"] for n in names)
         model.__dict__["_nf4lora_adalora"] = dict(
@@ -118,8 +101,7 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
         if not getattr(model, "_nf4lora_orth_hook", False):
             model.register_forward_hook(_orth_loss_hook)
             model._nf4lora_orth_hook = True
-    active = active_adapters(model) or [adapter_name]
-    set_adapter(model, active, inference_mode=inference_mode and active == [adapter_name])
+    _activate_new(model, adapter_name, inference_mode)
     return model
 
 

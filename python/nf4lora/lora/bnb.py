@@ -1,7 +1,6 @@
 """bitsandbytes 4-bit checkpoints: a state_dict written by a transformers model quantized with
 bitsandbytes (Linear4bit, nf4, with or without double quantization) loads into QLoRALinear layers
 bit-exactly, and ours is written in the same layout so bitsandbytes / transformers load it."""
-import torch
 from torch import nn
 
 from ..nf4 import NF4Tensor

@@ -27,10 +27,13 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-# config fields of PEFT LoRA that nf4lora does not implement, with their (falsy) default
-_UNSUPPORTED = {"fan_in_fan_out": False, "lora_bias": False, "modules_to_save": None,
-                "target_parameters": None, "layer_replication": None, "use_qalora": False,
-                "trainable_token_indices": None, "alora_invocation_tokens": None}
+# config fields nf4lora does not implement, per peft_type (each has a falsy default)
+_UNSUPPORTED = {
+    "LORA": ("fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters", "layer_replication",
+             "use_qalora", "trainable_token_indices", "alora_invocation_tokens"),
+    "VERA": ("fan_in_fan_out", "modules_to_save"),
+    "ADALORA": ("fan_in_fan_out", "modules_to_save", "use_dora"),
+}
 
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -61,10 +64,8 @@ def save_adapter(model, save_directory, adapter_name="default"):
             for which in ("lora_A", "lora_B") + ((MAGNITUDE,) if dora else ()):
                 w = getattr(layer, which)[adapter_name].weight
                 tensors[_key(name, which)] = w.detach().cpu().contiguous().clone()
-    mcfg = getattr(model, "config", None)
     config = {
-        "peft_type": "LORA", "task_type": None, "inference_mode": True,
-        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        **_config_header(model, "LORA"),
         "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
         "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
         "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
@@ -74,6 +75,13 @@ def save_adapter(model, save_directory, adapter_name="default"):
         "modules_to_save": None, "init_lora_weights": c["init_lora_weights"],
     }
     _write(save_directory, config, tensors)
+
+
+def _config_header(model, peft_type):
+    """The fields every adapter_config.json starts with."""
+    mcfg = getattr(model, "config", None)
+    return {"peft_type": peft_type, "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None}
 
 
 def _write(save_directory, config, tensors):
@@ -101,10 +109,8 @@ def _save_adalora(model, save_directory, adapter_name, c):
             E = layer.lora_E[adapter_name].detach().cpu()
             for which, t in (("lora_A", A[keep]), ("lora_B", B[:, keep]), ("lora_E", E[keep])):
                 tensors[f"{PREFIX}{name}.{which}"] = t.contiguous().clone()
-    mcfg = getattr(model, "config", None)
     config = {
-        "peft_type": "ADALORA", "task_type": None, "inference_mode": True,
-        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        **_config_header(model, "ADALORA"),
         "r": 8, "init_r": c["init_r"], "target_r": c["target_r"], "lora_alpha": c["lora_alpha"],
         "lora_dropout": c["lora_dropout"], "tinit": c["tinit"], "tfinal": c["tfinal"],
         "deltaT": c["deltaT"], "beta1": c["beta1"], "beta2": c["beta2"],
@@ -129,10 +135,8 @@ def _save_vera(model, save_directory, adapter_name, c):
     if c["save_projection"]:
         A, B = vera_projections(model, adapter_name)
         tensors[VERA_A], tensors[VERA_B] = A.cpu().contiguous().clone(), B.cpu().contiguous().clone()
-    mcfg = getattr(model, "config", None)
     config = {
-        "peft_type": "VERA", "task_type": None, "inference_mode": True,
-        "base_model_name_or_path": getattr(mcfg, "_name_or_path", None) or None,
+        **_config_header(model, "VERA"),
         "r": c["r"], "target_modules": c["target_modules"], "projection_prng_key": c["projection_prng_key"],
         "save_projection": c["save_projection"], "vera_dropout": c["vera_dropout"],
         "d_initial": c["d_initial"], "init_weights": c["init_weights"], "bias": "none",
@@ -156,61 +160,49 @@ def _read_config(path):
     if cfg.get("peft_type") not in ("LORA", "VERA", "ADALORA"):
         raise ValueError(f"{cpath}: peft_type must be 'LORA', 'VERA' or 'ADALORA', got "
                          f"{cfg.get('peft_type')!r}")
-    if cfg["peft_type"] == "VERA":
-        return _check_vera_config(cpath, cfg)
-    if cfg["peft_type"] == "ADALORA":
-        return _check_adalora_config(cpath, cfg)
-    for field, ok in _UNSUPPORTED.items():
-        v = cfg.get(field, ok)
-        if v:  # every supported value is falsy (False, None, [], {})
-            raise NotImplementedError(f"{cpath}: {field}={v!r} is not supported by nf4lora.load_adapter")
+    for field in _UNSUPPORTED[cfg["peft_type"]]:
+        if cfg.get(field):  # every supported value is falsy (False, None, [], {})
+            raise NotImplementedError(f"{cpath}: {field}={cfg[field]!r} is not supported by nf4lora.load_adapter")
     if cfg.get("bias", "none") != "none":
         raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
-    r = cfg.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{cpath}: r must be a positive int, got {r!r}")
+    _CHECK_FIELDS[cfg["peft_type"]](cpath, cfg)
+    if cfg.get("target_modules") is None:
+        raise ValueError(f"{cpath}: target_modules is missing")
+    return cfg
+
+
+def _positive_int(cpath, cfg, field, default):
+    v = cfg.get(field, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{cpath}: {field} must be a positive int, got {v!r}")
+
+
+def _check_lora_fields(cpath, cfg):
+    _positive_int(cpath, cfg, "r", 8)
     if not isinstance(cfg.get("use_dora", False), bool):
         raise ValueError(f"{cpath}: use_dora must be true or false, got {cfg['use_dora']!r}")
     alpha = cfg.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"{cpath}: lora_alpha must be a number, got {alpha!r}")
-    if cfg.get("target_modules") is None:
-        raise ValueError(f"{cpath}: target_modules is missing")
-    return cfg
 
 
-def _check_vera_config(cpath, cfg):
-    for field in ("fan_in_fan_out", "modules_to_save"):
-        if cfg.get(field):
-            raise NotImplementedError(f"{cpath}: {field}={cfg[field]!r} is not supported by nf4lora.load_adapter")
-    if cfg.get("bias", "none") != "none":
-        raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
-    for field, default in (("r", 256), ("projection_prng_key", 0)):
-        v = cfg.get(field, default)
-        if isinstance(v, bool) or not isinstance(v, int) or (field == "r" and v <= 0):
-            raise ValueError(f"{cpath}: {field} must be {'a positive ' if field == 'r' else 'an '}int, got {v!r}")
-    if cfg.get("target_modules") is None:
-        raise ValueError(f"{cpath}: target_modules is missing")
-    return cfg
+def _check_vera_fields(cpath, cfg):
+    _positive_int(cpath, cfg, "r", 256)
+    key = cfg.get("projection_prng_key", 0)
+    if isinstance(key, bool) or not isinstance(key, int):
+        raise ValueError(f"{cpath}: projection_prng_key must be an int, got {key!r}")
 
 
-def _check_adalora_config(cpath, cfg):
-    for field in ("fan_in_fan_out", "modules_to_save", "use_dora"):
-        if cfg.get(field):
-            raise NotImplementedError(f"{cpath}: {field}={cfg[field]!r} is not supported by nf4lora.load_adapter")
-    if cfg.get("bias", "none") != "none":
-        raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
-    for field, default in (("init_r", 12), ("target_r", 8)):
-        v = cfg.get(field, default)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{cpath}: {field} must be a positive int, got {v!r}")
+def _check_adalora_fields(cpath, cfg):
+    _positive_int(cpath, cfg, "init_r", 12)
+    _positive_int(cpath, cfg, "target_r", 8)
     rp = cfg.get("rank_pattern")
     if rp is not None and not (isinstance(rp, dict) and all(
             isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in rp.values())):
         raise ValueError(f"{cpath}: rank_pattern must map module keys to lists of booleans")
-    if cfg.get("target_modules") is None:
-        raise ValueError(f"{cpath}: target_modules is missing")
-    return cfg
+
+
+_CHECK_FIELDS = {"LORA": _check_lora_fields, "VERA": _check_vera_fields, "ADALORA": _check_adalora_fields}
 
 
 def _read_weights(path):

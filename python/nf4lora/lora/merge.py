@@ -13,7 +13,7 @@ import torch
 from ..nf4 import quantize_nf4
 from .mixing import mix
 from ..nn import QLoRALinear
-from .model import _set_child, active_adapters, qlora_layers
+from .model import _set_child, qlora_layers
 
 
 def _names(model, adapter_names):

@@ -9,7 +9,6 @@ active adapters in `model._nf4lora_active`: plain attributes, so the model deep-
 import contextlib
 import math
 
-import torch
 from torch import nn
 
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
@@ -51,6 +50,53 @@ def _check_targets(model, names, what):
                              "can be adapted")
 
 
+def _new_adapter_targets(model, adapter_name, target_modules, layers_to_transform, layers_pattern,
+                         exclude_modules):
+    """The first checks of every apply_*: a fresh adapter name, and the (sorted) target_modules with
+    the module names they select in this model. Changes nothing."""
+    _check_adapter_name(adapter_name)
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
+                         "another adapter_name")
+    if isinstance(target_modules, (set, tuple)):
+        target_modules = sorted(target_modules)
+    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
+    _check_targets(model, names, f"target_modules={target_modules!r}")
+    return target_modules, names
+
+
+def _adaptable_layers(model, names, blocksize, double_quant):
+    """Freeze every parameter of the model, then the layers `names` as QLoRALinear (an nn.Linear is
+    quantized to NF4 and replaced on the way), in order. Call only after every check passed."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = []
+    for n in names:
+        layer = model.get_submodule(n)
+        if not isinstance(layer, QLoRALinear):
+            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
+            _set_child(model, n, layer)
+        layers.append(layer)
+    return layers
+
+
+def _targets_record(target_modules, names, exclude_modules):
+    """How an adapter config records its targets (what save_adapter writes): "all-linear" as the
+    module names it selected, lists as lists."""
+    resolved = names if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR \
+        else target_modules
+    return dict(target_modules=list(resolved) if not isinstance(resolved, str) else resolved,
+                exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
+                else exclude_modules)
+
+
+def _activate_new(model, adapter_name, inference_mode=False):
+    """PEFT's rule for a new adapter: the model's first becomes active (trainable unless
+    inference_mode); a later one stays inactive and frozen until set_adapter names it."""
+    active = active_adapters(model) or [adapter_name]
+    set_adapter(model, active, inference_mode=inference_mode and active == [adapter_name])
+
+
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
@@ -63,15 +109,8 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
     a bitsandbytes checkpoint or an earlier adapter) get the new adapter added. The first adapter
     of a model becomes active and trainable; a later one is added inactive and frozen until
     set_adapter names it (PEFT's add_adapter behaviour)."""
-    _check_adapter_name(adapter_name)
-    configs = adapter_configs(model)
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
-                         "another adapter_name")
-    if isinstance(target_modules, (set, tuple)):
-        target_modules = sorted(target_modules)
-    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
-    _check_targets(model, names, f"target_modules={target_modules!r}")
+    target_modules, names = _new_adapter_targets(model, adapter_name, target_modules, layers_to_transform,
+                                                 layers_pattern, exclude_modules)
     plan = [(n, pattern_value(rank_pattern, n, r), pattern_value(alpha_pattern, n, lora_alpha))
             for n in names]
     for n, ri, ai in plan:
@@ -83,29 +122,17 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
     if init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n, ri, ai in plan:
-        layer = model.get_submodule(n)
-        if not isinstance(layer, QLoRALinear):
-            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
-            _set_child(model, n, layer)
+    for layer, (_, ri, ai) in zip(_adaptable_layers(model, names, blocksize, double_quant), plan):
         layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
                           use_dora=use_dora)
-
-    resolved = names if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR \
-        else target_modules
-    configs[adapter_name] = dict(
+    adapter_configs(model)[adapter_name] = dict(
         r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
-        target_modules=list(resolved) if not isinstance(resolved, str) else resolved,
-        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
-        else exclude_modules,
+        **_targets_record(target_modules, names, exclude_modules),
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
         blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora))
-    active = active_adapters(model) or [adapter_name]
-    set_adapter(model, active)
+    _activate_new(model, adapter_name)
     return model
 
 
@@ -139,17 +166,25 @@ def set_adapter(model, adapter_name, inference_mode=False):
 
 
 @contextlib.contextmanager
-def disable_adapter(model):
-    """Inside this context every QLoRALinear gives exactly its base output x W^T + b."""
+def _set_on_every_layer(model, attr, value):
+    """Inside the context every QLoRALinear of the model has `attr` = value; each gets its own
+    value back on the way out, also on an exception."""
     layers = [m for _, m in qlora_layers(model)]
-    saved = [m.adapters_enabled for m in layers]
+    saved = [getattr(m, attr) for m in layers]
     for m in layers:
-        m.adapters_enabled = False
+        setattr(m, attr, value)
     try:
         yield model
     finally:
         for m, s in zip(layers, saved):
-            m.adapters_enabled = s
+            setattr(m, attr, s)
+
+
+@contextlib.contextmanager
+def disable_adapter(model):
+    """Inside this context every QLoRALinear gives exactly its base output x W^T + b."""
+    with _set_on_every_layer(model, "adapters_enabled", False):
+        yield model
 
 
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
@@ -176,17 +211,10 @@ def mixed_batch(model, adapter_names):
                              f"({sorted(known)}, or {BASE!r})")
     if model.training:
         raise ValueError("mixed_batch is for inference: call model.eval() first")
-    layers = [m for _, m in qlora_layers(model)]
-    if any(m.merged_weight is not None for m in layers):
+    if any(m.merged_weight is not None for _, m in qlora_layers(model)):
         raise ValueError("mixed_batch needs an unmerged model: call unmerge_adapter first")
-    saved = [m.batch_adapter_names for m in layers]
-    for m in layers:
-        m.batch_adapter_names = names
-    try:
+    with _set_on_every_layer(model, "batch_adapter_names", names):
         yield model
-    finally:
-        for m, s in zip(layers, saved):
-            m.batch_adapter_names = s
 
 
 def delete_adapter(model, adapter_name):

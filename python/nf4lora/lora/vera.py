@@ -12,11 +12,10 @@ The projections are one VeraProjections module per adapter, a submodule of every
 import math
 
 import torch
-from torch import nn
 
-from ..nn import QLoRALinear, VeraProjections, _check_adapter_name
-from .model import _check_dropout, _check_targets, _set_child, active_adapters, adapter_configs, set_adapter
-from .targets import find_targets
+from ..nn import VeraProjections
+from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
+                    _targets_record, adapter_configs)
 
 
 def kaiming_projection(shape, generator):
@@ -38,11 +37,6 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
     """Add VeRA adapter `adapter_name` to the matching nn.Linear layers (quantized to NF4 on the way)
     or QLoRALinear layers, in place; freeze every other parameter; return the model. Targets follow
     PEFT's matching rules; the first adapter of a model becomes active (as apply_qlora)."""
-    _check_adapter_name(adapter_name)
-    configs = adapter_configs(model)
-    if adapter_name in configs:
-        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick "
-                         "another adapter_name")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
     if isinstance(projection_prng_key, bool) or not isinstance(projection_prng_key, int):
@@ -50,10 +44,8 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
     if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
         raise ValueError(f"d_initial must be a finite number, got {d_initial!r}")
     _check_dropout("vera_dropout", vera_dropout)
-    if isinstance(target_modules, (set, tuple)):
-        target_modules = sorted(target_modules)
-    names = find_targets(model, target_modules, layers_to_transform, layers_pattern, exclude_modules)
-    _check_targets(model, names, f"target_modules={target_modules!r}")
+    target_modules, names = _new_adapter_targets(model, adapter_name, target_modules, layers_to_transform,
+                                                 layers_pattern, exclude_modules)
     out_max = max(model.get_submodule(n).out_features for n in names)
     in_max = max(model.get_submodule(n).in_features for n in names)
     g = torch.Generator(device="cpu").manual_seed(projection_prng_key)
@@ -61,24 +53,15 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
     B = kaiming_projection((out_max, r), g)
     shared = VeraProjections(A, B)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for n in names:
-        layer = model.get_submodule(n)
-        if not isinstance(layer, QLoRALinear):
-            layer = QLoRALinear.from_linear(layer, r=0, blocksize=blocksize, double_quant=double_quant)
-            _set_child(model, n, layer)
+    for layer in _adaptable_layers(model, names, blocksize, double_quant):
         shared.to(layer.weight.device)  # where the layers are (one device per model)
         layer.add_vera_adapter(adapter_name, shared, r, vera_dropout, d_initial, init_weights)
     model.__dict__.setdefault("_nf4lora_vera", {})[adapter_name] = shared
-    configs[adapter_name] = dict(
-        peft_type="VERA", r=r, target_modules=list(names) if isinstance(target_modules, str)
-        and target_modules.lower() == "all-linear" else target_modules,
+    adapter_configs(model)[adapter_name] = dict(
+        peft_type="VERA", r=r, **_targets_record(target_modules, names, exclude_modules),
         projection_prng_key=projection_prng_key, save_projection=bool(save_projection),
         vera_dropout=float(vera_dropout), d_initial=d_initial, init_weights=init_weights,
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
-        exclude_modules=list(exclude_modules) if isinstance(exclude_modules, (list, set, tuple))
-        else exclude_modules, blocksize=blocksize, double_quant=double_quant)
-    active = active_adapters(model) or [adapter_name]
-    set_adapter(model, active)
+        blocksize=blocksize, double_quant=double_quant)
+    _activate_new(model, adapter_name)
     return model
