@@ -50,3 +50,88 @@ def randomize_adapters(model, adapter="default", seed=0, scale=0.05):
             if isinstance(m, QLoRALinear) and adapter in m.lora_config:
                 for p in (m.lora_A[adapter].weight, m.lora_B[adapter].weight):
                     p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def peft_name(name):
+    """A PEFT model's parameter name as ours (without the base_model.model. prefix)."""
+    return name.replace("base_model.model.", "")
+
+
+def copy_into_peft(model, peft_model, trainable_only=False):
+    """Our parameter values into the PEFT model under the same names. trainable_only: every
+    trainable PEFT parameter must have a twin here (KeyError otherwise), nothing else is copied."""
+    ours = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if trainable_only:
+                if p.requires_grad:
+                    p.copy_(ours[peft_name(n)])
+            elif peft_name(n) in ours:
+                p.copy_(ours[peft_name(n)])
+
+
+def randomize_both(model, peft_model, scale, seed, ours_name=peft_name):
+    """The same random values (N(0, scale^2)) into every trainable PEFT parameter and its twin here,
+    named by ours_name(peft name)."""
+    ours = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if p.requires_grad:
+                v = torch.randn(p.shape, generator=g) * scale
+                p.copy_(v)
+                ours[ours_name(n)].copy_(v)
+
+
+def train_losses(model, x, opt, steps, after_step=None):
+    """`steps` training steps on (x, labels x) with `opt`; after_step(i) runs after opt.step() and
+    before zero_grad() (AdaLoRA's update_and_allocate). Returns the losses."""
+    model.train()
+    losses = []
+    for i in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(i)
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def single_adapter_logits(model, x, names):
+    """Row i of x run alone through adapter names[i] ("__base__": adapters disabled): what
+    mixed_batch must reproduce. Leaves names[-1]'s adapter (or the previous one) active."""
+    import nf4lora as nl
+    out = []
+    with torch.no_grad():
+        for i, a in enumerate(names):
+            if a == "__base__":
+                with nl.disable_adapter(model):
+                    out.append(model(x[i:i + 1]).logits)
+            else:
+                nl.set_adapter(model, a)
+                out.append(model(x[i:i + 1]).logits)
+    return out
+
+
+def assert_same_merged_weights(merged, merged_ref, targets, tol=1e-6):
+    """After merge_and_unload: every target nn.Linear of ours holds PEFT's merged weight."""
+    for n, mod in merged.named_modules():
+        if isinstance(mod, torch.nn.Linear) and any(t in n for t in targets):
+            assert rel(mod.weight, merged_ref.get_submodule(n).weight) < tol, n
+
+
+def assert_files_round_trip(model, base, path, x):
+    """Adapter files nf4lora wrote at `path`: PEFT loads them onto the dequantized base with our
+    logits (1e-5), and load_adapter onto a fresh copy of `base` gives them back (1e-6)."""
+    import copy
+
+    import nf4lora as nl
+    from peft import PeftModel
+    ref = PeftModel.from_pretrained(dequantized_copy(model, base), str(path))
+    back = nl.load_adapter(copy.deepcopy(base), str(path))
+    with torch.no_grad():
+        want = model(x).logits
+        assert rel(want, ref(x).logits) < 1e-5
+        assert rel(back(x).logits, want) < 1e-6

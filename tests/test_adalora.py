@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import dequantized_copy, rel, tiny_llama, tokens
+from model_utils import (assert_files_round_trip, dequantized_copy, randomize_both, rel, tiny_llama, tokens,
+                         train_losses)
 
 peft = pytest.importorskip("peft")
 from peft import AdaLoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -33,14 +34,7 @@ def _pair(base, scale=0.3, **kw):
     m = nl.apply_adalora(copy.deepcopy(base), TARGETS, **kw)
     pm = get_peft_model(dequantized_copy(m, base),
                         AdaLoraConfig(target_modules=TARGETS, task_type="CAUSAL_LM", **kw))
-    ours = dict(m.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                v = torch.randn(p.shape, generator=g) * scale
-                p.copy_(v)
-                ours[_ours_name(n)].copy_(v)
+    randomize_both(m, pm, scale=scale, seed=0, ours_name=_ours_name)
     return m, pm
 
 
@@ -109,12 +103,7 @@ def test_files_both_ways(base, tmp_path):
     nl.save_adapter(m, str(tmp_path / "after"))
     cfg = json.loads((tmp_path / "after" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"]
-    ref = PeftModel.from_pretrained(dequantized_copy(m, base), str(tmp_path / "after"))
-    with torch.no_grad():
-        assert rel(m(x).logits, ref(x).logits) < 1e-5
-    back = nl.load_adapter(copy.deepcopy(base), str(tmp_path / "after"))
-    with torch.no_grad():
-        assert rel(back(x).logits, m(x).logits) < 1e-6
+    assert_files_round_trip(m, base, tmp_path / "after", x)
     # PEFT -> nf4lora after PEFT's own pruning
     q = nl.quantize_model(copy.deepcopy(base), target_modules=TARGETS)
     pm = get_peft_model(dequantized_copy(q, base), AdaLoraConfig(target_modules=TARGETS, **KW))
@@ -136,16 +125,7 @@ def test_training_with_paged_adamw(base):
     m = nl.apply_adalora(copy.deepcopy(base), "all-linear", **{**KW, "total_step": 20, "tfinal": 4})
     nl.prepare_for_training(m, gradient_checkpointing=False)
     opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2)
-    x = tokens()
-    m.train()
-    losses = []
-    for step in range(20):
-        loss = m(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        nl.update_and_allocate(m, step)
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    losses = train_losses(m, tokens(), opt, 20, after_step=lambda step: nl.update_and_allocate(m, step))
     assert losses[-1] < losses[0], losses
     pattern = m._nf4lora_adapters["default"]["rank_pattern"]
     n_layers = sum(1 for _ in nl.lora.model.qlora_layers(m))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nf4lora as nl
-from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens, train_losses
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -27,13 +27,7 @@ def logits(m, x):
 
 
 def _train(m, x, steps=3, lr=1e-2):
-    m.train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
-    for _ in range(steps):
-        loss = m(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_losses(m, x, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr), steps)
     m.eval()
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+from model_utils import (assert_same_merged_weights, copy_into_peft, dequantized_copy, randomize_adapters, rel,
+                         tiny_llama, tokens, train_losses)
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -34,11 +35,7 @@ def _pair(base, dropout=0.0, seed=0):
     pm = get_peft_model(dequantized_copy(m, base),
                         LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8, lora_dropout=dropout,
                                    use_dora=True))
-    ours = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                p.copy_(ours[n.replace("base_model.model.", "")])
+    copy_into_peft(m, pm, trainable_only=True)
     return m, pm
 
 
@@ -105,9 +102,7 @@ def test_merge_matches_peft(base):
     nl.unmerge_adapter(m)
     merged_ref = pm.merge_and_unload()
     merged = nl.merge_and_unload(copy.deepcopy(m))
-    for n, mod in merged.named_modules():
-        if isinstance(mod, torch.nn.Linear) and any(t in n for t in TARGETS):
-            assert rel(mod.weight, merged_ref.get_submodule(n).weight) < 1e-6, n
+    assert_same_merged_weights(merged, merged_ref, TARGETS)
     assert rel(merged(x).logits, want) < 1e-5
 
 
@@ -120,12 +115,7 @@ def test_two_active_adapters_match_peft(base):
     pm = get_peft_model(dequantized_copy(m, base),
                         LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8, use_dora=True))
     pm.add_adapter("plain", LoraConfig(target_modules=["q_proj", "down_proj"], r=2, lora_alpha=4))
-    ours = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            key = n.replace("base_model.model.", "")
-            if key in ours:
-                p.copy_(ours[key])
+    copy_into_peft(m, pm)
     x = tokens()
     for active in (["default", "plain"], ["plain", "default"]):
         nl.set_adapter(m, active)
@@ -157,15 +147,7 @@ def test_training_and_adapter_controls(base):
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert any("lora_magnitude_vector.default" in n for n in trainable)
     opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
-    x = tokens(batch=2, seq=8)
-    m.train()
-    losses = []
-    for _ in range(10):
-        loss = m(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_losses(m, tokens(batch=2, seq=8), opt, 10)
     assert losses[-1] < 0.9 * losses[0], losses
     nl.apply_qlora(m, "all-linear", r=2, adapter_name="other")
     nl.delete_adapter(m, "default")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+from model_utils import (copy_into_peft, dequantized_copy, randomize_adapters, rel, single_adapter_logits,
+                         tiny_llama, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +35,8 @@ def test_rows_equal_single_adapter_runs(base, dora):
     x = tokens(batch=len(NAMES), seq=7)
     with torch.no_grad(), nl.mixed_batch(m, NAMES):
         mixed = m(x).logits
-    with torch.no_grad():
-        for i, a in enumerate(NAMES):
-            if a == "__base__":
-                with nl.disable_adapter(m):
-                    alone = m(x[i:i + 1]).logits
-            else:
-                nl.set_adapter(m, a)
-                alone = m(x[i:i + 1]).logits
-            assert rel(mixed[i:i + 1], alone) < 1e-5, (i, a)
+    for i, (a, alone) in enumerate(zip(NAMES, single_adapter_logits(m, x, NAMES))):
+        assert rel(mixed[i:i + 1], alone) < 1e-5, (i, a)
     # outside the context every layer is back to its active adapter(s)
     assert all(layer.batch_adapter_names is None for _, layer in nl.lora.model.qlora_layers(m))
 
@@ -55,12 +49,7 @@ def test_matches_peft_adapter_names(base):
                         LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8))
     pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=4))
     pm.add_adapter("c", LoraConfig(target_modules="all-linear", r=3, lora_alpha=3))
-    ours = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            key = n.replace("base_model.model.", "")
-            if key in ours:
-                p.copy_(ours[key])
+    copy_into_peft(m, pm)
     pm.eval()
     x = tokens(batch=len(NAMES), seq=7)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens, train_losses
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -215,25 +215,14 @@ def test_several_adapters(base):
 
 
 # ------------------------------------------------------------------------------ training
-def _train(m, x, steps, lr=1e-2):
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(steps):
-        loss = m(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
-
-
 def test_training_lowers_loss_and_only_lora_changes(base):
     m = nl.apply_qlora(copy.deepcopy(base), "all-linear", r=8, lora_alpha=16, lora_dropout=0.05)
     nl.prepare_for_training(m, gradient_checkpointing=True)
     m.train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
     torch.manual_seed(0)
-    losses = _train(m, tokens(batch=2, seq=8), 20)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    losses = train_losses(m, tokens(batch=2, seq=8), opt, 20)
     assert losses[-1] < 0.9 * losses[0], losses
     after = m.state_dict()
     assert before.keys() == after.keys()
@@ -314,15 +303,8 @@ def test_loraplus_with_peft_helper_and_paged_adamw(base):
     assert set(lrs) == trainable
     assert all(lr == pytest.approx(2e-3 * 16) for n, lr in lrs.items() if ".lora_B." in n)
     assert all(lr == pytest.approx(2e-3) for n, lr in lrs.items() if ".lora_A." in n)
-    x = tokens(batch=2, seq=8)
     torch.manual_seed(0)
-    losses = []
-    for _ in range(10):
-        loss = m(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = train_losses(m, tokens(batch=2, seq=8), opt, 10)
     assert losses[-1] < losses[0], losses
     assert any(st["exp_avg"].dtype == torch.uint8 for st in opt.state.values())
 

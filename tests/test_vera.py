@@ -10,10 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 import nf4lora as nl
-from model_utils import dequantized_copy, rel, tiny_llama, tokens
+from model_utils import (assert_files_round_trip, assert_same_merged_weights, dequantized_copy, randomize_both,
+                         rel, single_adapter_logits, tiny_llama, tokens, train_losses)
 
 peft = pytest.importorskip("peft")
-from peft import PeftModel, VeraConfig, get_peft_model  # noqa: E402
+from peft import VeraConfig, get_peft_model  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -27,14 +28,7 @@ def _pair(base, r=8, key=0, **kw):
     m = nl.apply_vera(copy.deepcopy(base), TARGETS, r=r, projection_prng_key=key, **kw)
     pm = get_peft_model(dequantized_copy(m, base),
                         VeraConfig(target_modules=TARGETS, r=r, projection_prng_key=key, **kw))
-    ours = dict(m.named_parameters())
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # non-zero lambdas in both (lambda_b starts at 0)
-        for n, p in pm.named_parameters():
-            if p.requires_grad:
-                v = torch.randn(p.shape, generator=g) * 0.5
-                p.copy_(v)
-                ours[n.replace("base_model.model.", "")].copy_(v)
+    randomize_both(m, pm, scale=0.5, seed=3)  # non-zero lambdas in both (lambda_b starts at 0)
     return m, pm
 
 
@@ -92,9 +86,7 @@ def test_merge_matches_peft(base):
         nl.unmerge_adapter(m)
         merged_ref = pm.merge_and_unload()
         merged = nl.merge_and_unload(copy.deepcopy(m))
-        for n, mod in merged.named_modules():
-            if isinstance(mod, torch.nn.Linear) and any(t in n for t in TARGETS):
-                assert rel(mod.weight, merged_ref.get_submodule(n).weight) < 1e-6, n
+        assert_same_merged_weights(merged, merged_ref, TARGETS)
 
 
 @pytest.mark.parametrize("save_projection", [True, False])
@@ -106,12 +98,7 @@ def test_files_both_ways(base, tmp_path, save_projection):
     assert cfg["peft_type"] == "VERA" and cfg["save_projection"] is save_projection
     keys = set(load_file(str(tmp_path / "ours" / "adapter_model.safetensors")))
     assert ("base_model.vera_A" in keys) is save_projection
-    ref = PeftModel.from_pretrained(dequantized_copy(m, base), str(tmp_path / "ours"))
-    with torch.no_grad():
-        assert rel(m(x).logits, ref(x).logits) < 1e-5
-    back = nl.load_adapter(copy.deepcopy(base), str(tmp_path / "ours"))
-    with torch.no_grad():
-        assert rel(back(x).logits, m(x).logits) < 1e-6
+    assert_files_round_trip(m, base, tmp_path / "ours", x)
     # PEFT -> nf4lora
     q = nl.quantize_model(copy.deepcopy(base), target_modules=TARGETS)
     pm = get_peft_model(dequantized_copy(q, base), VeraConfig(target_modules=TARGETS, r=8, projection_prng_key=5,
@@ -149,15 +136,7 @@ def test_training_and_mixing_with_lora(base):
     nl.prepare_for_training(m, gradient_checkpointing=False)
     assert all(".vera_lambda_" in n for n, p in m.named_parameters() if p.requires_grad)
     opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=5e-2)
-    x = tokens()
-    m.train()
-    losses = []
-    for _ in range(15):
-        loss = m(input_ids=x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    losses = train_losses(m, tokens(), opt, 15)
     assert losses[-1] < 0.95 * losses[0], losses
     # a LoRA adapter next to it; per-example routing and the bitsandbytes state dict
     nl.apply_qlora(m, ["q_proj"], r=4, adapter_name="lora")
@@ -168,17 +147,10 @@ def test_training_and_mixing_with_lora(base):
     m.eval()
     names = ["lora", "default", "__base__"]
     x3 = tokens(batch=3)
-    with torch.no_grad():
-        with nl.mixed_batch(m, names):
-            mixed = m(x3).logits
-        for i, a in enumerate(names):
-            if a == "__base__":
-                with nl.disable_adapter(m):
-                    alone = m(x3[i:i + 1]).logits
-            else:
-                nl.set_adapter(m, a)
-                alone = m(x3[i:i + 1]).logits
-            assert rel(mixed[i:i + 1], alone) < 1e-5, a
+    with torch.no_grad(), nl.mixed_batch(m, names):
+        mixed = m(x3).logits
+    for i, (a, alone) in enumerate(zip(names, single_adapter_logits(m, x3, names))):
+        assert rel(mixed[i:i + 1], alone) < 1e-5, a
     assert not any("vera" in k or "lora_" in k for k in nl.bnb_state_dict(m))
     nl.delete_adapter(m, "default")
     assert not any("vera" in n for n, _ in m.named_parameters())

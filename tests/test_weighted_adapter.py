@@ -1,13 +1,14 @@
 """add_weighted_adapter (PEFT's, for plain LoRA adapters): every combination type (cat, svd,
 linear, ties, dare, magnitude pruning and their svd forms) on adapters with different targets,
-ranks and negative weights gives PEFT's model on the same (dequantized NF4) base; "cat" is exact; files of the mixed adapter load in PEFT; bad calls raise."""
+ranks and negative weights gives PEFT's model on the same (dequantized NF4) base; "cat" is exact;
+files of the mixed adapter load in PEFT; bad calls raise."""
 import copy
 
 import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
+from model_utils import copy_into_peft, dequantized_copy, randomize_adapters, rel, tiny_llama, tokens
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -25,12 +26,7 @@ def _pair(base, same_rank=False):
     randomize_adapters(m, adapter="b", seed=1, scale=0.2)
     pm = get_peft_model(dequantized_copy(m, base), LoraConfig(target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8))
     pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "down_proj"], r=4 if same_rank else 2, lora_alpha=3))
-    ours = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            key = n.replace("base_model.model.", "")
-            if key in ours:
-                p.copy_(ours[key])
+    copy_into_peft(m, pm)
     return m.eval(), pm.eval()
 
 

@@ -249,8 +249,9 @@ def _make_output_require_grad(module, inputs, output):
 
 def prepare_for_training(model, gradient_checkpointing=True, gradient_checkpointing_kwargs=None):
     """Get a (Q)LoRA model ready to train: freeze everything except the active adapters' weights
-    (LoRA A and B, DoRA magnitudes, VeRA lambdas), turn off the KV cache, and with gradient_checkpointing enable transformers' activation
-    checkpointing (default {"use_reentrant": False}) plus a picklable hook that makes the input
+    (LoRA A and B, DoRA magnitudes, VeRA lambdas, AdaLoRA's E), turn off the KV cache, and with
+    gradient_checkpointing enable transformers' activation checkpointing (default
+    {"use_reentrant": False}) plus a picklable hook that makes the input
     embeddings' output require grad (what reentrant checkpointing needs with a frozen embedding).
     Call it before or after apply_qlora. Returns the model."""
     active = set(active_adapters(model))
