@@ -155,6 +155,8 @@ def test_bad_configurations(base):
         nl.apply_adalora(m, TARGETS, adapter_name="second", **KW)
     with pytest.raises(ValueError, match="no trainable AdaLoRA"):
         nl.update_and_allocate(copy.deepcopy(base), 0)
+    with pytest.raises(ValueError, match="global_step must be an int"):
+        nl.update_and_allocate(m, "3")
     nl.delete_adapter(m, "default")  # gone with its allocator; the model still runs
     assert "_nf4lora_adalora" not in m.__dict__ and not any(".lora_E." in n for n, _ in m.named_parameters())
     with torch.no_grad():

@@ -82,6 +82,8 @@ def test_bad_calls(base):
         nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="combination_type must be one of"):
         nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="bogus")
+    with pytest.raises(ValueError, match="svd_clamp must be a quantile"):
+        nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", svd_clamp=1.5)
     with pytest.raises(ValueError, match="density must be a number"):
         nl.add_weighted_adapter(m, ["default", "b"], [1.0, 1.0], "mix", combination_type="ties_svd")
     with pytest.raises(ValueError, match="already exists"):

@@ -174,6 +174,8 @@ def update_and_allocate(model, global_step):
     prunes singular values to the scheduled budget, and from step total_step - tfinal on holds the
     final mask (the adapter's rank_pattern)."""
     st = _state(model)
+    if isinstance(global_step, bool) or not isinstance(global_step, int) or global_step < 0:
+        raise ValueError(f"global_step must be an int >= 0, got {global_step!r}")
     c = st["config"]
     last = c["total_step"] - c["tfinal"]
     if global_step < last:

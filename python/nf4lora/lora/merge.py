@@ -136,6 +136,9 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
         if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank <= 0):
             raise ValueError(f"svd_rank must be a positive int, got {svd_rank!r}")
         new_r = svd_rank or max(ranks)
+        if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
+                                      or not 0.0 <= svd_clamp <= 1.0):
+            raise ValueError(f"svd_clamp must be a quantile in [0, 1], got {svd_clamp!r}")
     kinds = {type(configs[a]["target_modules"]) for a in adapters}
     if len(kinds) > 1:
         raise ValueError("the adapters' target_modules mix a regex string and lists; PEFT refuses that too")
