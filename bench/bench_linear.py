@@ -4,115 +4,17 @@ weight) and vs bitsandbytes' matmul_4bit + PEFT-style separate LoRA matmuls, sid
   python bench/bench_linear.py            full table (several minutes)
   python bench/bench_linear.py --quick    one shape, small M
 
+The measuring code lives in nf4lora.benchmarks.linear (shared with `nf4lora bench`).
 GEMV numbers come from DRAM: weights rotate over more than 256 MB. Each row reports the machine's
 ceilings measured in the same run (DRAM read GB/s, fp32 FMA GFLOP/s). Results: bench/results/.
 """
 import argparse
 import os
-import sys
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-
-import nf4lora as nl  # noqa: E402
-from nf4lora import _C  # noqa: E402
-
-R = 16
-ROTATE_BYTES = 256 << 20
-
-
-def copies_for(nbytes, small_m):
-    return max(2, -(-ROTATE_BYTES // nbytes)) if small_m else 1
-
-
-def try_bnb():
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bF
-        return bnb, bF
-    except Exception:  # pragma: no cover
-        return None, None
-
-
-def make_case(K, N, M, dtype, small_m, with_bnb):
-    g = torch.Generator().manual_seed(K + N)
-    w = torch.randn(N, K, generator=g) * 0.02
-    q = nl.quantize_nf4(w, 64, double_quant=True)
-    qs = common.Rotating([q] + [q.clone() for _ in range(copies_for(q.nbytes, small_m) - 1)])
-    w32 = common.Rotating([w] + [w.clone() for _ in range(copies_for(w.numel() * 4, small_m) - 1)])
-    wbf = w.bfloat16()
-    w16 = common.Rotating([wbf] + [wbf.clone() for _ in range(copies_for(w.numel() * 2, small_m) - 1)])
-    A = torch.randn(R, K, generator=g) * 0.01
-    B = torch.randn(N, R, generator=g) * 0.01
-    x = torch.randn(M, K, generator=g).to(dtype)
-    bnbq = None
-    if with_bnb:
-        bnb, bF = try_bnb()
-        if bnb is not None:
-            packed, state = bF.quantize_4bit(w.to(dtype), blocksize=64, quant_type="nf4",
-                                             compress_statistics=True)
-            bnbq = (bnb, packed, state)
-    return q, qs, w32, w16, A, B, x, bnbq
-
-
-def forward_row(K, N, M, dtype, peak, dram, with_bnb, budget):
-    small_m = M <= 16
-    q, qs, w32, w16, A, B, x, bnbq = make_case(K, N, M, dtype, small_m, with_bnb)
-    s = 2.0
-    with torch.no_grad():
-        t_ours = common.time_fn(lambda: nl.qlora_linear(x, qs.next(), A, B, s), repeats=7, budget_s=budget)
-        t_nolora = common.time_fn(lambda: nl.nf4_linear(x, qs.next()), repeats=7, budget_s=budget)
-        xf = x.float()
-        t_d32 = common.time_fn(lambda: F.linear(xf, w32.next()), repeats=7, budget_s=budget)
-        xb = x.bfloat16()
-        t_d16 = common.time_fn(lambda: F.linear(xb, w16.next()), repeats=3, budget_s=budget)
-        t_bnb = float("nan")
-        if bnbq is not None:
-            bnb, packed, state = bnbq
-            At, Bt = A.to(dtype), B.to(dtype)
-            t_bnb = common.time_fn(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
-                                   + (x @ At.t()) @ Bt.t() * s, repeats=3, warmup=1, budget_s=budget)
-    flops = 2 * M * N * K
-    return [f"{K}x{N}", M, str(dtype).replace("torch.", ""), _C.forward_path(M, N, K),
-            t_ours * 1e3, t_nolora * 1e3, q.nbytes / t_nolora / 1e9, flops / t_nolora / 1e9,
-            t_d32 * 1e3, t_d16 * 1e3, t_bnb * 1e3, t_d32 / t_nolora, t_bnb / t_ours,
-            100 * (q.nbytes / t_nolora / 1e9) / dram if small_m else 100 * flops / t_nolora / 1e9 / peak]
-
-
-def train_row(K, N, M, dtype, with_bnb, budget):
-    q, _, w32, w16, A, B, x, bnbq = make_case(K, N, M, dtype, False, with_bnb)
-    s = 2.0
-    dy = torch.randn(M, N).to(dtype)
-
-    def ours():
-        xi = x.detach().requires_grad_()
-        Ai, Bi = A.detach().requires_grad_(), B.detach().requires_grad_()
-        nl.qlora_linear(xi, q, Ai, Bi, s).backward(dy)
-
-    def dense(wr, cast):
-        def run():
-            xi = x.detach().to(cast).requires_grad_()
-            Ai, Bi = A.detach().to(cast).requires_grad_(), B.detach().to(cast).requires_grad_()
-            (F.linear(xi, wr.next()) + (xi @ Ai.t()) @ Bi.t() * s).backward(dy.to(cast))
-        return run
-
-    t_ours = common.time_fn(ours, repeats=3, budget_s=budget)
-    t_d32 = common.time_fn(dense(w32, torch.float32), repeats=3, budget_s=budget)
-    t_bnb = float("nan")
-    if bnbq is not None:
-        bnb, packed, state = bnbq
-
-        def peft():
-            xi = x.detach().requires_grad_()
-            Ai, Bi = A.detach().to(dtype).requires_grad_(), B.detach().to(dtype).requires_grad_()
-            (bnb.matmul_4bit(xi, packed.t(), quant_state=state) + (xi @ Ai.t()) @ Bi.t() * s).backward(dy)
-        t_bnb = common.time_fn(peft, repeats=1, warmup=0, budget_s=budget)
-    flops = 2 * 2 * M * N * K  # forward + dx (W is frozen: no dW); the r=16 LoRA terms are small
-    return [f"{K}x{N}", M, str(dtype).replace("torch.", ""), t_ours * 1e3, flops / t_ours / 1e9,
-            t_d32 * 1e3, t_d32 / t_ours, t_bnb * 1e3, t_bnb / t_ours]
+from nf4lora.benchmarks import common
+from nf4lora.benchmarks.linear import forward_row, train_row
 
 
 def main():

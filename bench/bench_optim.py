@@ -6,7 +6,7 @@
                                            skipped above 20M unless --bnb-large: ~2 s/step per 10M)
     python bench/bench_optim.py --quick    1M and 64 LoRA tensors, few repeats (smoke test)
 
-One table: size, impl, ms/step (median of repeats after warm-up), GB/s, state MB, speed-up vs
+The measuring code lives in nf4lora.benchmarks.optim (shared with `nf4lora bench`). One table: size, impl, ms/step (median of repeats after warm-up), GB/s, state MB, speed-up vs
 torch fused measured in the same run: the repeats interleave the implementations (one step of
 each in turn), so this shared machine's drift hits all of them alike. GB/s counts the bytes a single fused pass must move:
 param read+write, grad read, state read+write = 28 B/param with fp32 state, 16 B/param + absmax
@@ -16,86 +16,12 @@ tensors between steps so no step finds its grad in cache. Napkin math: this mach
 ~20 GB/s, so a fp32-state step of 10M params cannot beat ~14 ms, an 8-bit one ~8 ms.
 """
 import argparse
-import gc
 import math
-import statistics
-import sys
-import time
-import warnings
 
 import torch
 
 import nf4lora as nl
-
-
-def _bytes_per_param(bits):
-    return 28.0 if bits == 32 else 16.0 + 8.0 / 256
-
-
-def _state_bytes(opt):
-    total = 0
-    for st in opt.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.numel() > 256:  # skip bnb's qmaps
-                total += v.numel() * v.element_size()
-    return total
-
-
-def _impls(include_bnb):
-    out = [
-        ("torch AdamW foreach", 32, lambda ps: torch.optim.AdamW(ps, foreach=True)),
-        ("torch AdamW fused", 32, lambda ps: torch.optim.AdamW(ps, fused=True)),
-        ("nf4lora PagedAdamW 32-bit", 32, lambda ps: nl.PagedAdamW(ps, optim_bits=32)),
-        ("nf4lora PagedAdamW 8-bit", 8, lambda ps: nl.PagedAdamW(ps, optim_bits=8)),
-    ]
-    if include_bnb:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import bitsandbytes as bnb
-            out += [("bitsandbytes AdamW 32-bit", 32, lambda ps: bnb.optim.AdamW(ps, optim_bits=32)),
-                    ("bitsandbytes AdamW8bit", 8, lambda ps: bnb.optim.AdamW8bit(ps))]
-        except Exception as e:  # pragma: no cover - depends on the install
-            print(f"# bitsandbytes unavailable: {type(e).__name__}: {e}", file=sys.stderr)
-    return out
-
-
-def bench_case(shapes, impls, warmup, repeats, n_grad_sets=3):
-    """Median step time of every implementation on one list of parameter shapes, measured side by
-    side: each repeat steps every optimizer once, in turn, so drift on this shared machine hits all
-    of them alike. Gradients rotate through n_grad_sets fresh sets (never in cache).
-    Returns {name: (seconds, state bytes, bits)}; a failing implementation is reported and dropped."""
-    grad_sets = [[torch.randn(s) for s in shapes] for _ in range(n_grad_sets)]
-    live = {}
-    for name, bits, make, reps in impls:
-        torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-        try:
-            opt = make(params)
-        except Exception as e:  # pragma: no cover - baseline may not run here
-            print(f"  {name:<28} failed: {type(e).__name__}: {e}")
-            continue
-        live[name] = (params, opt, bits, reps, [])
-    for i in range(warmup + max(r for *_, r, _ in live.values())):
-        for name, (params, opt, bits, reps, times) in list(live.items()):
-            if i >= warmup + reps:
-                continue
-            for p, g in zip(params, grad_sets[i % n_grad_sets]):
-                p.grad = g
-            t0 = time.perf_counter()
-            try:
-                opt.step()
-            except Exception as e:  # pragma: no cover
-                print(f"  {name:<28} failed: {type(e).__name__}: {e}")
-                del live[name]
-                continue
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    out = {name: (statistics.median(t), _state_bytes(opt), bits) for name, (_, opt, bits, _, t) in live.items()}
-    live.clear()
-    del grad_sets
-    gc.collect()
-    return out
+from nf4lora.benchmarks.optim import LORA_7B_SHAPES, bench_case, bytes_per_param, impls as _impls
 
 
 def main(argv=None):
@@ -109,7 +35,7 @@ def main(argv=None):
 
     # (label, parameter shapes): one big tensor, and the list a QLoRA run steps: LoRA r=16
     # adapters (A [16, 4096], B [4096, 16]) on the 7 projections of 32 layers of a 7B model.
-    lora = [(16, 4096), (4096, 16)] * (7 * 32)
+    lora = LORA_7B_SHAPES
     if args.quick:
         cases = [("1M", [(1_000_000,)]), ("LoRA 64x64K", lora[:64])]
     else:
@@ -136,7 +62,7 @@ def main(argv=None):
         results = bench_case(shapes, impls, warmup=2, repeats=repeats)
         fused = results.get("torch AdamW fused", (float("nan"),))[0]
         for name, (t, state, bits) in results.items():
-            gbs = n * _bytes_per_param(bits) / t / 1e9
+            gbs = n * bytes_per_param(bits) / t / 1e9
             ratio = fused / t
             print(f"{label:>13}  {name:<28} {t * 1e3:>9.2f} {gbs:>7.1f} {state / 2**20:>9.1f} {ratio:>8.2f}x")
             rows.append((label, name, t, gbs, state, ratio))
