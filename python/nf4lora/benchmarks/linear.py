@@ -104,7 +104,8 @@ def measure_forward(K, N, M, dtype, with_bnb, budget, with_int4=False, device="c
                 p, sz = packs.next()
                 return mm(xb, p, INT4_GROUPSIZE, sz)
             r["int4"] = time_fn(int4, repeats=7, budget_s=budget)
-    r.update(nf4_bytes=q.nbytes, flops=2 * M * N * K, path=forward_path(M, N, K))
+    r.update(nf4_bytes=q.nbytes, flops=2 * M * N * K,
+             path=forward_path(M, N, K) if torch.device(device).type == "cpu" else "cuda")
     return r
 
 

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from ..optim import PagedAdamW
+from .common import _sync
 
 # LoRA r=16 adapters (A [16, 4096], B [4096, 16]) on the 7 projections of 32 layers of a 7B model
 LORA_7B_SHAPES = [(16, 4096), (4096, 16)] * (7 * 32)
@@ -51,16 +52,16 @@ def impls(include_bnb):
     return out
 
 
-def bench_case(shapes, impls, warmup, repeats, n_grad_sets=3):
+def bench_case(shapes, impls, warmup, repeats, n_grad_sets=3, device="cpu"):
     """Median step time of every implementation on one list of parameter shapes, measured side by
     side: each repeat steps every optimizer once, in turn, so drift on this shared machine hits all
     of them alike. Gradients rotate through n_grad_sets fresh sets (never in cache).
     Returns {name: (seconds, state bytes, bits)}; a failing implementation is reported and dropped."""
-    grad_sets = [[torch.randn(s) for s in shapes] for _ in range(n_grad_sets)]
+    grad_sets = [[torch.randn(s, device=device) for s in shapes] for _ in range(n_grad_sets)]
     live = {}
     for name, bits, make, reps in impls:
         torch.manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        params = [torch.nn.Parameter(torch.randn(s, device=device)) for s in shapes]
         try:
             opt = make(params)
         except Exception as e:  # pragma: no cover - baseline may not run here
@@ -73,9 +74,11 @@ def bench_case(shapes, impls, warmup, repeats, n_grad_sets=3):
                 continue
             for p, g in zip(params, grad_sets[i % n_grad_sets]):
                 p.grad = g
+            _sync()
             t0 = time.perf_counter()
             try:
                 opt.step()
+                _sync()
             except Exception as e:  # pragma: no cover
                 print(f"  {name:<28} failed: {type(e).__name__}: {e}")
                 del live[name]
