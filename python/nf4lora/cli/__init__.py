@@ -8,8 +8,10 @@
 The top layer: it uses nf4lora's public API (and nf4lora.benchmarks) only. Each command lives in its
 own module; every expected failure is a one-line `nf4lora: error: ...` and a non-zero exit.
 """
+import logging
 import os
 import sys
+import warnings
 
 import click
 
@@ -36,6 +38,10 @@ _register()
 
 def main(argv=None):
     """Entry point of the console script: click's parsing and our errors as one line each."""
+    # third-party chatter that is not ours to report (bitsandbytes' optional-kernel notice,
+    # transformers' deprecation notices about its own internals)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
         cli.main(args=argv, prog_name="nf4lora", standalone_mode=False)
     except click.exceptions.Abort:

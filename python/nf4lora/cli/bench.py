@@ -32,8 +32,8 @@ def _device(name):
     except RuntimeError:
         raise CLIError(f"unknown --device {name!r}; use cpu or cuda")
     if dev.type == "cuda":
-        from .._native import cuda_available
-        if not cuda_available():
+        from .info import report
+        if not (torch.cuda.is_available() and report().get("cuda", {}).get("module_built")):
             raise CLIError("--device cuda: no GPU visible or nf4lora built without its CUDA module")
         return "cuda"
     if dev.type != "cpu":

@@ -18,8 +18,7 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-from .. import save_adapter
-from ..lora.model import qlora_layers
+from .. import QLoRALinear, save_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -66,7 +65,9 @@ def dequantized_base(model, fresh):
     layer's dequantized weight copied in: the base model PEFT wraps."""
     base = copy.deepcopy(fresh)
     with torch.no_grad():
-        for name, m in qlora_layers(model):
+        for name, m in model.named_modules():
+            if not isinstance(m, QLoRALinear):
+                continue
             lin = base.get_submodule(name)
             lin.weight.copy_(m.nf4_weight.dequantize(lin.weight.dtype))
             if m.bias is not None and lin.bias is not None:

@@ -50,6 +50,7 @@ def _quiet_transformers():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -5,8 +5,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from .. import PagedAdamW, apply_qlora, quantize_model
-from ..lora.model import qlora_layers, trainable_parameters
+from .. import PagedAdamW, QLoRALinear, apply_qlora, quantize_model
 from .demo_model import batches, head_name, lora_targets
 from .resources import PhasePeak
 
@@ -26,13 +25,16 @@ def qlora(model, kind, r, alpha, dropout):
 
 def weight_bytes(model):
     """(NF4 bytes of the quantized linears incl. scales, their bytes in bf16)."""
-    layers = [m for _, m in qlora_layers(model)]
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
     return (sum(m.nf4_weight.nbytes for m in layers),
             sum(2 * m.in_features * m.out_features for m in layers))
 
 
 def param_counts(model):
-    trainable, total = trainable_parameters(model)
+    """Trainable and total parameters; an NF4 weight counts its logical [N, K] elements."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QLoRALinear))
     return {"trainable": trainable, "total": total}
 
 

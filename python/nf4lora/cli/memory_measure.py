@@ -3,8 +3,7 @@ it, quantize the block linears to NF4 (quantize_model), add LoRA on the --target
 one PagedAdamW step, and count the bytes each holds."""
 import torch
 
-from .. import PagedAdamW, apply_qlora, quantize_model
-from ..lora.model import qlora_layers
+from .. import PagedAdamW, QLoRALinear, apply_qlora, quantize_model
 from .demo_model import _quiet_transformers, read_config
 from .errors import CLIError
 from .memory_math import ALIASES, ROLES
@@ -44,6 +43,6 @@ def measure(model_dir, st):
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor) and t.dim() > 0)
-    return {"nf4_linears": sum(m.nf4_weight.nbytes for _, m in qlora_layers(model)),
+    return {"nf4_linears": sum(m.nf4_weight.nbytes for m in model.modules() if isinstance(m, QLoRALinear)),
             "adapter": sum(p.numel() * p.element_size() for p in params),
             "optimizer": state, "quantized_layers": len(linears), "adapted_layers": len(targets)}
