@@ -19,6 +19,7 @@ namespace bf16lin {
 // block(): C (fp32 [32][32], row stride ldc floats) (+)= sum over s < steps of A_s B_s, where
 //   A_s rows 0..15 start at a0 + s * a_step, rows 16..31 at a1 + s * a_step (row stride lda),
 //   B_s columns 0..15 are the tile at b0 + s * b_step, columns 16..31 the tile at b1 + s * b_step.
+// a1 == nullptr: only rows 0..15 (C rows 16..31 untouched); b1 == nullptr: only columns 0..15.
 // thread_begin/thread_end bracket every thread's use (AMX: tile configuration and release).
 struct TileKernel {
   const char* name;

@@ -33,24 +33,52 @@ namespace bf16lin {
 namespace {
 
 constexpr int64_t kNB = 64;    // forward: W rows per task (two 32-row tile pairs)
-constexpr int64_t kKCS = 32;   // forward: K steps (of 32) per decoded chunk: 64 x 1024 bf16
+constexpr int64_t kKCS = 128;  // forward: K steps (of 32) per decoded chunk: 64 x 4096 bf16 (512 KB)
+constexpr int64_t kSub = 16;   // forward: K steps per micro-kernel call (A of a row pair: 32 KB, L1)
 constexpr int64_t kKB = 128;   // backward: dx columns per task
 constexpr int64_t kNCS = 32;   // backward: N steps (of 32) per decoded chunk: 1024 x 128 bf16
 constexpr int64_t kTile = 512; // bf16 elements in one 16 x 32 tile
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// 64-byte aligned scratch (tiles load faster from aligned rows); never holds a copy of W.
+// 64-byte aligned scratch; never holds a copy of W. Each thread keeps one buffer per slot up to
+// kKeepBytes between calls (fresh pages would cost a page fault and a zeroing per 4 KB on every
+// call); larger requests are allocated for the call and freed.
+constexpr size_t kKeepBytes = size_t{64} << 20;
+enum Slot { kSlotOperand, kSlotPanel, kSlotAcc, kSlotRows, kSlots };
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+struct Kept {
+  std::unique_ptr<void, FreeDeleter> p;
+  size_t bytes = 0;
+};
+thread_local Kept t_kept[kSlots];
+
 template <typename T>
-struct Scratch {
-  struct Free {
-    void operator()(T* p) const { std::free(p); }
-  };
-  std::unique_ptr<T, Free> p;
-  explicit Scratch(int64_t n)
-      : p(static_cast<T*>(std::aligned_alloc(64, static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * sizeof(T), 64))))) {}
-  T* get() const { return p.get(); }
-  bool ok() const { return p != nullptr; }
+class Scratch {
+ public:
+  Scratch(Slot slot, int64_t n) {
+    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
+    Kept& k = t_kept[slot];
+    if (bytes <= k.bytes) {
+      ptr_ = static_cast<T*>(k.p.get());
+    } else if (bytes <= kKeepBytes) {
+      k.p.reset(std::aligned_alloc(64, bytes));
+      k.bytes = k.p ? bytes : 0;
+      ptr_ = static_cast<T*>(k.p.get());
+    } else {
+      own_.reset(std::aligned_alloc(64, bytes));
+      ptr_ = static_cast<T*>(own_.get());
+    }
+  }
+  T* get() const { return ptr_; }
+  bool ok() const { return ptr_ != nullptr; }
+
+ private:
+  std::unique_ptr<void, FreeDeleter> own_;
+  T* ptr_ = nullptr;
 };
 
 // --- file-local scalar helpers (see linear_avx512.cpp: no header inlines compiled with ISA flags
@@ -93,9 +121,13 @@ inline __m256i to_bf16(__m512 v) {
 }
 inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
-// The block's bf16 table, doubled to 32 entries (see the top of the file).
+// The block's bf16 table, doubled to 32 entries (see the top of the file). The products are finite
+// (|code| <= 1, absmax finite), so rounding needs no NaN case.
 inline __m512i block_table(float scale) {
-  const __m256i h = to_bf16(_mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale)));
+  const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale)));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i h = _mm512_cvtepi32_epi16(r);
   return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
 }
 inline __m512i decode32(const uint8_t* src, __m512i table) {
@@ -120,22 +152,43 @@ inline __m512 apply_dropout(const DropoutMask& d, uint32_t row_hash, int64_t k0,
 }
 inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
-// 32 bf16 of W row n, columns [k, k + 32) (k a multiple of 32), natural order; zeros past N or K.
-// `table`/`tb` cache the current block's table across calls on one row.
-inline __m512i w_group(const NF4Weight& w, int64_t n, int64_t k, __m512i& table, int64_t& tb) {
-  if (n >= w.N || k >= w.K) return _mm512_setzero_si512();
-  if (w.K % 32 == 0) {
-    const int64_t flat = n * w.K + k;
-    const int64_t b = flat / w.blocksize;
-    if (b != tb) {
-      table = block_table(block_scale(w.scales, b));
-      tb = b;
+// W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
+// natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize).
+void decode_row(const NF4Weight& w, int lb, int64_t n, int64_t ks0, int64_t cnt, uint16_t* dst,
+                int64_t dst_step) {
+  int64_t s = 0;
+  if (n < w.N && w.K % 32 == 0) {
+    const int64_t real = std::min(cnt, w.K / 32 - ks0);
+    int64_t flat = n * w.K + ks0 * 32;
+    while (s < real) {
+      const int64_t b = flat >> lb;
+      const __m512i table = block_table(block_scale(w.scales, b));
+      const int64_t seg = std::min(real - s, (((b + 1) << lb) - flat) / 32);
+      for (int64_t j = 0; j < seg; ++j, ++s, flat += 32)
+        _mm512_store_si512(dst + s * dst_step, decode32(w.packed + flat / 2, table));
     }
-    return decode32(w.packed + flat / 2, table);
+  } else if (n < w.N) {  // rows start mid-byte or mid-block: element by element
+    for (; s < cnt; ++s)
+      for (int j = 0; j < 32; ++j) {
+        const int64_t k = (ks0 + s) * 32 + j;
+        dst[s * dst_step + j] = k < w.K ? w_bf16(w, n, k) : 0;
+      }
   }
-  alignas(64) uint16_t v[32];
-  for (int j = 0; j < 32; ++j) v[j] = k + j < w.K ? w_bf16(w, n, k + j) : 0;
-  return _mm512_load_si512(v);
+  for (; s < cnt; ++s) _mm512_store_si512(dst + s * dst_step, _mm512_setzero_si512());
+}
+
+// dy rows [m0, m0 + 16) -> A tiles dst[ns] (ns < nsteps, kTile each, rows of 32 bf16); rows >= M
+// and columns >= N zero. A tile-contiguous copy: in place, rows N * 2 bytes apart would share L1 sets.
+void pack_rows(const uint16_t* a, int64_t M, int64_t N, int64_t m0, int64_t nsteps, uint16_t* dst) {
+  for (int64_t j = 0; j < 16; ++j) {
+    const int64_t m = m0 + j;
+    for (int64_t ns = 0; ns < nsteps; ++ns) {
+      uint16_t* d = dst + ns * kTile + j * 32;
+      const int64_t n0 = ns * 32, valid = m < M ? std::max<int64_t>(0, std::min<int64_t>(32, N - n0)) : 0;
+      const __mmask32 mk = valid >= 32 ? 0xffffffffu : ((1u << valid) - 1u);
+      _mm512_store_si512(d, _mm512_maskz_loadu_epi16(mk, a + m * N + n0));
+    }
+  }
 }
 
 // x rows [m0, m0 + 16) -> VNNI tiles dst[ks] (ks < ksteps, kTile each): tile row kp holds the
@@ -221,9 +274,10 @@ void forward_epilogue(const float* acc, int64_t Mp, int64_t M, int64_t N, int64_
 Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4Weight& w,
                const float* bias, const LoraArgs* lora, uint16_t* y, float* u) {
   const int64_t N = w.N, K = w.K;
-  const int64_t Kp = round_up(K, 32), Mp = round_up(M, 32), ksteps = Kp / 32;
+  const int64_t Kp = round_up(K, 32), Mp = round_up(M, 16), ksteps = Kp / 32;
+  const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));
   const int64_t r = lora ? lora->r : 0;
-  Scratch<uint16_t> xpack(Mp * Kp);
+  Scratch<uint16_t> xpack(kSlotOperand, Mp * Kp);
   if (!xpack.ok()) return Status::kOutOfMemory;
 
   // x -> VNNI tiles [Mp / 16][ksteps][kTile], and the LoRA shrink on the same rows.
@@ -248,8 +302,8 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    Scratch<uint16_t> wbuf(kNB * kKCS * 32);  // [kNB / 16][kcs][kTile]
-    Scratch<float> acc(kNB * Mp);             // y^T of the task: [kNB][Mp]
+    Scratch<uint16_t> wbuf(kSlotPanel, kNB * kKCS * 32);  // [kNB / 16][kcs][kTile]
+    Scratch<float> acc(kSlotAcc, kNB * Mp);            // y^T of the task: [kNB][Mp]
     const bool ok = wbuf.ok() && acc.ok();
     if (!ok) alloc_failed.store(true);
     if (ok) kern.thread_begin();
@@ -259,19 +313,20 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
       const int64_t n0 = t * kNB, rows = std::min(kNB, N - n0), pairs = (rows + 31) / 32;
       for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kKCS) {
         const int64_t kcs = std::min(kKCS, ksteps - kc0);
-        for (int64_t i = 0; i < pairs * 32; ++i) {
-          uint16_t* dst = wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32;
-          __m512i table = _mm512_setzero_si512();
-          int64_t tb = -1;
-          for (int64_t s = 0; s < kcs; ++s)
-            _mm512_store_si512(dst + s * kTile, w_group(w, n0 + i, (kc0 + s) * 32, table, tb));
-        }
-        for (int64_t mp = 0; mp < Mp / 32; ++mp)
+        for (int64_t i = 0; i < pairs * 32; ++i)
+          decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile);
+        // kSub steps of one row pair (2 x 16 KB) stay in L1 while every x row group streams by
+        for (int64_t s0 = 0; s0 < kcs; s0 += kSub) {
+          const int64_t ss = std::min(kSub, kcs - s0), k_at = kc0 + s0;
           for (int64_t p = 0; p < pairs; ++p)
-            kern.block(wbuf.get() + 2 * p * kcs * kTile, wbuf.get() + (2 * p + 1) * kcs * kTile, kTile, 32,
-                       xpack.get() + (2 * mp * ksteps + kc0) * kTile,
-                       xpack.get() + ((2 * mp + 1) * ksteps + kc0) * kTile, kTile, kcs,
-                       acc.get() + p * 32 * Mp + mp * 32, Mp, kc0 > 0);
+            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+              const int64_t mt = m0 / 16;
+              const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + k_at) * kTile : nullptr;
+              kern.block(wbuf.get() + (2 * p * kcs + s0) * kTile, wbuf.get() + ((2 * p + 1) * kcs + s0) * kTile,
+                         kTile, 32, xpack.get() + (mt * ksteps + k_at) * kTile, b1, kTile, ss,
+                         acc.get() + p * 32 * Mp + m0, Mp, k_at > 0);
+            }
+        }
       }
       forward_epilogue(acc.get(), Mp, M, N, n0, rows, bias, lora ? u : nullptr, sBt.data(), Np16, r, y);
     }
@@ -283,21 +338,13 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
 Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const NF4Weight& w,
                    const LoraArgs* lora, const float* g, uint16_t* dx) {
   const int64_t N = w.N, K = w.K;
-  const int64_t Np = round_up(N, 32), Mp = round_up(M, 32), Kp = round_up(K, 32), nsteps = Np / 32;
-  // A operand: dy [Mp][Np] bf16, in place when already padded; else a zero-padded copy.
-  const bool in_place = M == Mp && N == Np;
-  Scratch<uint16_t> dypad(in_place ? 1 : Mp * Np);
-  if (!dypad.ok()) return Status::kOutOfMemory;
-  if (!in_place) {
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < Mp; ++m) {
-      uint16_t* d = dypad.get() + m * Np;
-      if (m < M) std::memcpy(d, dy + m * N, static_cast<size_t>(N) * 2);
-      std::fill(d + (m < M ? N : 0), d + Np, uint16_t{0});
-    }
-  }
-  const uint16_t* a = in_place ? dy : dypad.get();
-  const int64_t lda = in_place ? N : Np;
+  const int64_t Np = round_up(N, 32), Mp = round_up(M, 16), Kp = round_up(K, 32), nsteps = Np / 32;
+  const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));
+  // A operand: dy as tiles [Mp / 16][nsteps][kTile], zero-padded
+  Scratch<uint16_t> dypack(kSlotOperand, Mp * Np);
+  if (!dypack.ok()) return Status::kOutOfMemory;
+#pragma omp parallel for schedule(static) if (M * N >= (1 << 16))
+  for (int64_t mt = 0; mt < Mp / 16; ++mt) pack_rows(dy, M, N, mt * 16, nsteps, dypack.get() + mt * nsteps * kTile);
   // lo/hi halves of the interleave of two 32-word rows: [a0 b0 a1 b1 ...]
   alignas(64) uint16_t ilo[32], ihi[32];
   for (int j = 0; j < 16; ++j) {
@@ -312,10 +359,10 @@ Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const 
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    Scratch<uint16_t> wv(kKB / 16 * kNCS * kTile);  // [kKB / 16][ncs][kTile]
-    Scratch<float> acc(Mp * kKB);                    // dx block [Mp][kKB]
-    std::vector<float> l(static_cast<size_t>(kKB));
-    const bool ok = wv.ok() && acc.ok();
+    Scratch<uint16_t> wv(kSlotPanel, kKB / 16 * kNCS * kTile);  // [kKB / 16][ncs][kTile]
+    Scratch<uint16_t> rows2(kSlotRows, 2 * kKB);              // one decoded row pair, kKB columns each
+    Scratch<float> acc(kSlotAcc, Mp * kKB);                   // dx block [Mp][kKB]
+    const bool ok = wv.ok() && acc.ok() && rows2.ok();
     if (!ok) alloc_failed.store(true);
     if (ok) kern.thread_begin();
 #pragma omp for schedule(dynamic, 1)
@@ -326,21 +373,25 @@ Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const 
         const int64_t ncs = std::min(kNCS, nsteps - nc0);
         for (int64_t p = 0; p < ncs * 16; ++p) {  // row pairs (n, n + 1) of this chunk
           const int64_t n = nc0 * 32 + 2 * p;
-          __m512i ta = _mm512_setzero_si512(), tb = _mm512_setzero_si512();
-          int64_t ba = -1, bb = -1;
+          uint16_t* ra = rows2.get();
+          uint16_t* rb = rows2.get() + kKB;
+          decode_row(w, lb, n, k0 / 32, groups, ra, 32);
+          decode_row(w, lb, n + 1, k0 / 32, groups, rb, 32);
           uint16_t* dst = wv.get() + (p / 16) * kTile + (p % 16) * 32;
           for (int64_t gi = 0; gi < groups; ++gi) {
-            const __m512i ra = w_group(w, n, k0 + gi * 32, ta, ba);
-            const __m512i rb = w_group(w, n + 1, k0 + gi * 32, tb, bb);
-            _mm512_store_si512(dst + (2 * gi) * ncs * kTile, _mm512_permutex2var_epi16(ra, idx_lo, rb));
-            _mm512_store_si512(dst + (2 * gi + 1) * ncs * kTile, _mm512_permutex2var_epi16(ra, idx_hi, rb));
+            const __m512i va = _mm512_load_si512(ra + gi * 32), vb = _mm512_load_si512(rb + gi * 32);
+            _mm512_store_si512(dst + (2 * gi) * ncs * kTile, _mm512_permutex2var_epi16(va, idx_lo, vb));
+            _mm512_store_si512(dst + (2 * gi + 1) * ncs * kTile, _mm512_permutex2var_epi16(va, idx_hi, vb));
           }
         }
-        for (int64_t mp = 0; mp < Mp / 32; ++mp)
+        for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+          const int64_t mt = m0 / 16;
+          const uint16_t* a1 = m0 + 16 < Mp ? dypack.get() + ((mt + 1) * nsteps + nc0) * kTile : nullptr;
           for (int64_t gi = 0; gi < groups; ++gi)
-            kern.block(a + mp * 32 * lda + nc0 * 32, a + (mp * 32 + 16) * lda + nc0 * 32, 32, lda,
+            kern.block(dypack.get() + (mt * nsteps + nc0) * kTile, a1, kTile, 32,
                        wv.get() + 2 * gi * ncs * kTile, wv.get() + (2 * gi + 1) * ncs * kTile, kTile, ncs,
-                       acc.get() + mp * 32 * kKB + gi * 32, kKB, nc0 > 0);
+                       acc.get() + m0 * kKB + gi * 32, kKB, nc0 > 0);
+        }
       }
       // dx[m, k0 + c] = acc + s D(g A)[m, k0 + c], c < min(kKB, K - k0)
       const int64_t valid = std::min(kKB, K - k0);
