@@ -39,7 +39,7 @@ def demo_out(tmp_path_factory):
     bundled_dir()
     out = tmp_path_factory.mktemp("demo")
     try:
-        main(["demo", "--quick", "--steps", "24", "--test-size", "128", "--out", str(out)])
+        main(["demo", "--quick", "--steps", "24", "--test-size", "96", "--out", str(out)])
     except SystemExit as e:
         assert e.code in (0, None), f"demo exited {e.code}"
     return out
@@ -171,6 +171,18 @@ def test_bench_scripts_still_parse():
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert opt in r.stdout and "--quick" in r.stdout
+
+
+def test_linear_rows_keep_bench_linear_columns():
+    """bench_linear.py's table rows come from nf4lora.benchmarks.linear: same columns as before."""
+    from nf4lora.benchmarks.linear import forward_row, measure_forward, train_row
+    fwd = forward_row(256, 128, 32, torch.float32, 100.0, 10.0, False, 0.05)
+    assert len(fwd) == 14 and fwd[:3] == ["256x128", 32, "float32"] and isinstance(fwd[3], str)
+    assert all(isinstance(v, float) for v in fwd[4:])
+    tr = train_row(256, 128, 32, torch.float32, False, 0.05)
+    assert len(tr) == 9 and tr[3] > 0
+    r = measure_forward(256, 128, 32, torch.bfloat16, False, 0.05, with_int4=True)
+    assert r["int4"] > 0 and r["nolora"] > 0
 
 
 # ------------------------------------------------------------------ memory
