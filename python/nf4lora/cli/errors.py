@@ -5,3 +5,13 @@ import click
 
 class CLIError(click.ClickException):
     """A user-facing failure (bad input, missing file, unwritable output): one line, exit 1."""
+
+
+def require(*modules, why):
+    """Import-check optional dependencies up front: a missing one is a one-line CLIError."""
+    import importlib
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise CLIError(f"{why} needs the Python package '{name}' (pip install 'nf4lora[demo]')")

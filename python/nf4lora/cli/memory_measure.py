@@ -5,7 +5,7 @@ import torch
 
 from .. import PagedAdamW, QLoRALinear, apply_qlora, quantize_model
 from .demo_model import _quiet_transformers, read_config
-from .errors import CLIError
+from .errors import CLIError, require
 from .memory_math import ALIASES, ROLES
 
 
@@ -25,6 +25,7 @@ def role_of(name):
 def measure(model_dir, st):
     """{"nf4_linears", "adapter", "optimizer"} bytes measured on the model in model_dir."""
     read_config(model_dir)
+    require("transformers", why="measuring a model (nf4lora memory --no-measure skips it)")
     tf = _quiet_transformers()
     try:
         model = tf.AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
