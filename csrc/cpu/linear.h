@@ -64,6 +64,9 @@ namespace avx512lin {
 // As avx2lin::gemv_forward, for 1 <= M <= kGemv512MaxRows; xp even/odd-permuted in groups of 32.
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc);
+// dA [r, K] (fp32) = scaling g^T D(x), g [M, r] fp32, x [M, K] in dtype (csrc/cpu/lora_avx512.cpp)
+void lora_grad_a(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                 float scaling, const DropoutMask& drop, float* dA);
 }  // namespace avx512lin
 
 }  // namespace nf4lora

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu/linear_bf16.h"
+#include "cpu/simd_avx512.h"
 #include "nf4lora/nf4.h"
 
 namespace nf4lora {
@@ -108,18 +109,11 @@ inline uint16_t w_bf16(const NF4Weight& w, int64_t n, int64_t k) {
   return bf16_rne(kNF4[(i % 2 == 0) ? (byte >> 4) : (byte & 15)] * block_scale(w.scales, i / w.blocksize));
 }
 
-// --- vector helpers
-// 16 fp32 -> 16 bf16 words, round to nearest even, NaN kept quiet (as bf16_rne / f32_to_bf16)
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+// --- vector helpers: csrc/cpu/simd_avx512.h
+using avx512::apply_dropout;
+using avx512::from_bf16;
+using avx512::tail16;
+using avx512::to_bf16;
 
 // The block's bf16 table, doubled to 32 entries (see the top of the file). The products are finite
 // (|code| <= 1, absmax finite), so rounding needs no NaN case.
@@ -134,23 +128,6 @@ inline __m512i decode32(const uint8_t* src, __m512i table) {
   const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
   return _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi32(t, 4), _mm512_slli_epi32(t, 16)), table);
 }
-
-// Dropout keep mask of 16 consecutive columns k0.. of a row (dropout.h's hash, 16 lanes)
-inline __m512i hash32v(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x6d2b79f5));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-}
-inline __m512 apply_dropout(const DropoutMask& d, uint32_t row_hash, int64_t k0, __m512 v) {
-  const __m512i k = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(row_hash + static_cast<uint32_t>(k0))),
-                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(hash32v(k), 8),
-                                                 _mm512_set1_epi32(static_cast<int32_t>(d.threshold)));
-  return _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(d.scale));
-}
-inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
 // natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize).
