@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import nf4_linear, qlora_linear, quantize_nf4
-from .._native import _C
+from .._native import DTYPE_CODE, _C
 from .common import Rotating, time_fn
 
 R = 16
@@ -105,14 +105,15 @@ def measure_forward(K, N, M, dtype, with_bnb, budget, with_int4=False, device="c
                 return mm(xb, p, INT4_GROUPSIZE, sz)
             r["int4"] = time_fn(int4, repeats=7, budget_s=budget)
     r.update(nf4_bytes=q.nbytes, flops=2 * M * N * K,
-             path=forward_path(M, N, K) if torch.device(device).type == "cpu" else "cuda")
+             path=forward_path(M, N, K, dtype) if torch.device(device).type == "cpu" else "cuda")
     return r
 
 
-def forward_path(M, N, K):
-    """The CPU dispatcher's name for the forward kernel at this shape (whatever it reports)."""
+def forward_path(M, N, K, dtype=torch.float32):
+    """The CPU dispatcher's name for the forward kernel at this shape and activation dtype (whatever
+    it reports)."""
     fn = getattr(_C, "forward_path", None)
-    return fn(M, N, K) if fn is not None else "-"
+    return fn(M, N, K, DTYPE_CODE[dtype]) if fn is not None else "-"
 
 
 def forward_row(K, N, M, dtype, peak, dram, with_bnb, budget):

@@ -48,8 +48,8 @@ def _f(v, digits=3):
 
 
 def print_table(records):
-    head = ["op", "shape", "dtype", "ours ms", "baseline", "baseline ms", "ratio", "rate", "% limit"]
-    rows = [[r["op"], r["shape"], r["dtype"], _f(r["ours_ms"]), r["baseline"], _f(r["baseline_ms"]),
+    head = ["op", "shape", "dtype", "path", "ours ms", "baseline", "baseline ms", "ratio", "rate", "% limit"]
+    rows = [[r["op"], r["shape"], r["dtype"], r.get("path", ""), _f(r["ours_ms"]), r["baseline"], _f(r["baseline_ms"]),
              _f(r["ratio"]) + ("x" if r["ratio"] else ""), f"{_f(r['rate'])} {r['unit']}",
              _f(r["pct_of_limit"], 2)] for r in records]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
