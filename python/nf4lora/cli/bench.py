@@ -2,7 +2,6 @@
 in the same run (suites in bench_suites.py over nf4lora.benchmarks, the code bench/*.py runs too).
 Prints one table at the end; --json FILE writes one record per measurement, --plot FILE.png a
 chart of the ratios."""
-import json
 import math
 import time
 
@@ -111,7 +110,7 @@ def bench(quick, large, device_name, ops, dtypes, json_path, plot_path):
            "dtypes": [DTYPES[d] for d in (dtypes or ("bfloat16",))]}
     cases = [c for op in ops for c in BUILDERS[op](cfg)]
     records = []
-    with tqdm(cases, unit="case", leave=False) as bar:
+    with tqdm(cases, unit="case", leave=False, disable=None) as bar:
         for name, run in bar:
             bar.set_description(name)
             records.extend(run())

@@ -27,7 +27,7 @@ from .outputs import ensure_writable_dir, write_json
 from .resources import peak_rss_bytes
 
 # (train sentences, test sentences, steps, batch size)
-SIZES = {"quick": (384, 256, 40, 16), "full": (2048, 512, 250, 32)}
+SIZES = {"quick": (384, 256, 40, 16), "full": (2048, 512, 120, 32)}
 
 
 def _say(msg):

@@ -6,7 +6,7 @@ import torch
 from tqdm import tqdm
 
 from .. import PagedAdamW, QLoRALinear, apply_qlora, quantize_model
-from .demo_model import batches, head_name, lora_targets
+from .demo_model import head_name, lora_targets
 from .resources import PhasePeak
 
 
@@ -45,7 +45,7 @@ def train(model, data, steps, batch_size, opt, desc, seed=0):
     n = len(data["labels"])
     losses, times = [], []
     model.train()
-    with PhasePeak() as mem, tqdm(range(steps), desc=desc, unit="step", leave=False) as bar:
+    with PhasePeak() as mem, tqdm(range(steps), desc=desc, unit="step", leave=False, disable=None) as bar:
         order = torch.randperm(n, generator=g)
         pos = 0
         for _ in bar:

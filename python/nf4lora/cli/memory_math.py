@@ -10,7 +10,6 @@ checkpointing (each layer's input kept, one layer recomputed at a time) and an a
 not materialise the s x s scores (SDPA / FlashAttention).
 """
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import CLIError
@@ -200,23 +199,9 @@ def table(arch, st):
     }
 
 
-def gib(n):
-    return n / 2**30
-
-
 def fmt_bytes(n):
     if n >= 2**30:
         return f"{n / 2**30:.2f} GiB"
     if n >= 2**20:
         return f"{n / 2**20:.1f} MiB"
     return f"{n / 2**10:.1f} KiB" if n >= 1024 else f"{n} B"
-
-
-def check_positive(name, v):
-    if v <= 0:
-        raise CLIError(f"{name} must be positive, got {v}")
-    return v
-
-
-def isclose(a, b):
-    return math.isclose(a, b, rel_tol=1e-12)
