@@ -89,12 +89,20 @@ def cuda_ceilings(repeats=5):
 
 def ceilings(device="cpu"):
     """The machine limits a '% of limit' column is taken against: {"mem_gbps", "flops_gflops",
-    "flops_what"}. CPU: all-thread DRAM read and fp32 FMA peak; CUDA: device memory read and dense
-    bf16 matmul."""
+    "flops_what", "bf16_gflops"}. CPU: all-thread DRAM read, fp32 FMA peak and torch's dense bf16
+    matmul; CUDA: device memory read and dense bf16 matmul."""
     if torch.device(device).type == "cuda":
         bw, peak = cuda_ceilings()
-        return {"mem_gbps": bw, "flops_gflops": peak, "flops_what": "bf16 matmul"}
-    return {"mem_gbps": dram_read_gbps(), "flops_gflops": fma_peak_gflops(), "flops_what": "fp32 FMA"}
+        return {"mem_gbps": bw, "flops_gflops": peak, "flops_what": "bf16 matmul", "bf16_gflops": peak}
+    return {"mem_gbps": dram_read_gbps(), "flops_gflops": fma_peak_gflops(), "flops_what": "fp32 FMA",
+            "bf16_gflops": bf16_matmul_gflops()}
+
+
+def bf16_matmul_gflops(n=2048, repeats=5):
+    """Dense bf16 matmul GFLOP/s of torch's BLAS on this CPU (oneDNN: AMX or AVX512-BF16 where
+    present): the ceiling bf16 rows are measured against, as fp32 FMA peak is for fp32 rows."""
+    a, b = torch.randn(n, n).bfloat16(), torch.randn(n, n).bfloat16()
+    return 2 * n ** 3 / time_fn(lambda: a @ b, repeats=repeats, warmup=2) / 1e9
 
 
 def fmt(v):

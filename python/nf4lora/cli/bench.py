@@ -105,7 +105,8 @@ def bench(quick, large, device_name, ops, dtypes, json_path, plot_path):
     click.echo(where)
     limits = ceilings(device)
     click.echo(f"machine limits measured now: memory read {limits['mem_gbps']:.1f} GB/s, "
-               f"{limits['flops_what']} {limits['flops_gflops']:.0f} GFLOP/s")
+               f"{limits['flops_what']} {limits['flops_gflops']:.0f} GFLOP/s, dense bf16 matmul "
+               f"{limits['bf16_gflops']:.0f} GFLOP/s (the limit of bf16 rows)")
     cfg = {"quick": quick, "large": large, "device": device, "limits": limits,
            "dtypes": [DTYPES[d] for d in (dtypes or ("bfloat16",))]}
     cases = [c for op in ops for c in BUILDERS[op](cfg)]

@@ -28,6 +28,12 @@ def record(op, shape, dtype, device, ours_s, baseline, base_s, rate=None, unit=N
             "pct_of_limit": 100 * rate / limit if rate and limit and not math.isnan(limit) else None}
 
 
+def flops_limit(limits, dtype):
+    """The compute ceiling for rows of this activation dtype: dense bf16 matmul for bf16 (AMX /
+    AVX512-BF16 on such CPUs), fp32 FMA peak otherwise."""
+    return limits.get("bf16_gflops", limits["flops_gflops"]) if dtype == torch.bfloat16 else limits["flops_gflops"]
+
+
 def quant_cases(cfg):
     shapes = [(4096, 4096)] + ([LARGE_SHAPE[::-1]] if cfg["large"] else [])
 
@@ -60,7 +66,7 @@ def linear_cases(cfg):
             shape = f"M={M} K={K} N={N}"
             small = M <= 16
             rate = r["nf4_bytes"] / r["nolora"] / 1e9 if small else r["flops"] / r["nolora"] / 1e9
-            unit, limit = ("GB/s", lim["mem_gbps"]) if small else ("GFLOP/s", lim["flops_gflops"])
+            unit, limit = ("GB/s", lim["mem_gbps"]) if small else ("GFLOP/s", flops_limit(lim, dtype))
             dense = "dense_bf16" if dtype == torch.bfloat16 else "dense_fp32"
             name = "torch dense matmul (cuBLAS)" if dev.startswith("cuda") else "torch dense matmul"
             out = [record(op, shape, dtype, dev, r["nolora"], f"{name} {_dt(dtype)} weight", r[dense],
@@ -88,7 +94,7 @@ def layer_cases(cfg):
             rate = r["flops"] / r["ours"] / 1e9
             return [record("qlora layer fwd+bwd", f"M={M} K={K} N={N} r=16", dtype, dev, r["ours"],
                            "bitsandbytes Linear4bit + PEFT LoRA", r["peft_bnb"], rate, "GFLOP/s",
-                           cfg["limits"]["flops_gflops"])]
+                           flops_limit(cfg["limits"], dtype))]
         return f"layer {K}x{N} M={M}", run
     return [case(K, N, M, d) for d in cfg["dtypes"] for K, N, M in shapes]
 
