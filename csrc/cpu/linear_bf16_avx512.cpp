@@ -131,18 +131,29 @@ inline __m512i decode32(const uint8_t* src, __m512i table) {
 
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
 // natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize).
+// The packed bytes `ahead_rows` rows further down are prefetched as this row's are read: the
+// tasks walk W rows with a stride, which the hardware prefetchers follow poorly (the loads of the
+// packed codes were the hot spot of the small-M profiles).
 void decode_row(const NF4Weight& w, int lb, int64_t n, int64_t ks0, int64_t cnt, uint16_t* dst,
-                int64_t dst_step) {
+                int64_t dst_step, int64_t ahead_rows) {
   int64_t s = 0;
   if (n < w.N && w.K % 32 == 0) {
     const int64_t real = std::min(cnt, w.K / 32 - ks0);
     int64_t flat = n * w.K + ks0 * 32;
+    const bool pf = n + ahead_rows < w.N;
+    const int64_t pf_bytes = ahead_rows * w.K / 2;
+    if (pf && real > 0) _mm_prefetch(reinterpret_cast<const char*>(w.packed + flat / 2 + pf_bytes), _MM_HINT_T0);
     while (s < real) {
       const int64_t b = flat >> lb;
       const __m512i table = block_table(block_scale(w.scales, b));
       const int64_t seg = std::min(real - s, (((b + 1) << lb) - flat) / 32);
-      for (int64_t j = 0; j < seg; ++j, ++s, flat += 32)
-        _mm512_store_si512(dst + s * dst_step, decode32(w.packed + flat / 2, table));
+      for (int64_t j = 0; j < seg; ++j, ++s, flat += 32) {
+        const uint8_t* src = w.packed + flat / 2;
+        // one prefetch per 64-byte line (a step is 16 bytes)
+        if (pf && ((reinterpret_cast<uintptr_t>(src) + 16) & 63) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(src + 16 + pf_bytes), _MM_HINT_T0);
+        _mm512_store_si512(dst + s * dst_step, decode32(src, table));
+      }
     }
   } else if (n < w.N) {  // rows start mid-byte or mid-block: element by element
     for (; s < cnt; ++s)
@@ -291,7 +302,7 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
       for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kKCS) {
         const int64_t kcs = std::min(kKCS, ksteps - kc0);
         for (int64_t i = 0; i < pairs * 32; ++i)
-          decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile);
+          decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile, 2);
         // kSub steps of one row pair (2 x 16 KB) stay in L1 while every x row group streams by
         for (int64_t s0 = 0; s0 < kcs; s0 += kSub) {
           const int64_t ss = std::min(kSub, kcs - s0), k_at = kc0 + s0;
@@ -352,8 +363,8 @@ Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const 
           const int64_t n = nc0 * 32 + 2 * p;
           uint16_t* ra = rows2.get();
           uint16_t* rb = rows2.get() + kKB;
-          decode_row(w, lb, n, k0 / 32, groups, ra, 32);
-          decode_row(w, lb, n + 1, k0 / 32, groups, rb, 32);
+          decode_row(w, lb, n, k0 / 32, groups, ra, 32, 16);
+          decode_row(w, lb, n + 1, k0 / 32, groups, rb, 32, 16);
           uint16_t* dst = wv.get() + (p / 16) * kTile + (p % 16) * 32;
           for (int64_t gi = 0; gi < groups; ++gi) {
             const __m512i va = _mm512_load_si512(ra + gi * 32), vb = _mm512_load_si512(rb + gi * 32);
