@@ -35,7 +35,6 @@ namespace {
 
 constexpr int64_t kNB = 64;    // forward: W rows per task (two 32-row tile pairs)
 constexpr int64_t kKCS = 128;  // forward: K steps (of 32) per decoded chunk: 64 x 4096 bf16 (512 KB)
-constexpr int64_t kSub = 16;   // forward: K steps per micro-kernel call (A of a row pair: 32 KB, L1)
 constexpr int64_t kKB = 128;   // backward: dx columns per task
 constexpr int64_t kNCS = 32;   // backward: N steps (of 32) per decoded chunk: 1024 x 128 bf16
 constexpr int64_t kTile = 512; // bf16 elements in one 16 x 32 tile
@@ -303,9 +302,9 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
         const int64_t kcs = std::min(kKCS, ksteps - kc0);
         for (int64_t i = 0; i < pairs * 32; ++i)
           decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile, 2);
-        // kSub steps of one row pair (2 x 16 KB) stay in L1 while every x row group streams by
-        for (int64_t s0 = 0; s0 < kcs; s0 += kSub) {
-          const int64_t ss = std::min(kSub, kcs - s0), k_at = kc0 + s0;
+        // sub_steps of one row pair's A stay in L1 while every x row group streams by
+        for (int64_t s0 = 0; s0 < kcs; s0 += kern.sub_steps) {
+          const int64_t ss = std::min(kern.sub_steps, kcs - s0), k_at = kc0 + s0;
           for (int64_t p = 0; p < pairs; ++p)
             for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
               const int64_t mt = m0 / 16;
