@@ -2,14 +2,14 @@
 // cache blocking, the LoRA shrink and expand, and the epilogues; the tile micro-kernel (AMX or
 // AVX512-BF16) is passed in. AVX-512 F/BW code, run only when use_avx512().
 //
-// Decode, 32 codes per 16-byte load: vpmovzxbd widens each packed byte b to a dword; the word pair
-// (b >> 4, b) indexes a 32-entry bf16 table (vpermw reads 5 index bits) that holds the block's 16
-// values code x absmax (fp32 product rounded to bf16, ties to even) twice, so b's high nibble
-// gives the even element and b & 31 (= the low nibble, table doubled) the odd one: natural order,
-// one table per NF4 block (a 32-aligned group never spans blocks: blocksize >= 32).
+// Decode, 32 codes per 16-byte load: vpmovzxbd widens each packed byte b to a dword; a word pair
+// built from b (decode32) indexes with vpermw the block's table of 16 values code x absmax (fp32
+// product rounded to bf16, ties to even; block_table), b's high nibble the even element and its
+// low nibble the odd one: natural order, one table per NF4 block (a 32-aligned group never spans
+// blocks: blocksize >= 32), the blocks' scales computed 16 at a time per row segment.
 //
 // Forward (y^T = W x^T): tasks of kNB W rows; per K chunk of kKCS steps of 32 the rows are decoded
-// once into A tiles (kNB x 1024 bf16 = 128 KB, L2) and run against every 32-row group of x, whose
+// once into row-major A panels (kNB x 4096 bf16 = 512 KB, L2) and run against every 32-row group of x, whose
 // VNNI tiles were packed once per call (pack_x, together with the LoRA shrink u = D(x) A^T). The
 // fp32 accumulator of a task, [kNB][Mp], is transposed out with the bias and the LoRA expand.
 // Backward (dx = dy W): tasks of kKB columns; per N chunk of kNCS steps the W row pairs of those
@@ -114,18 +114,40 @@ using avx512::from_bf16;
 using avx512::tail16;
 using avx512::to_bf16;
 
-// The block's bf16 table, doubled to 32 entries (see the top of the file). The products are finite
-// (|code| <= 1, absmax finite), so rounding needs no NaN case.
+// The block's table: dword c holds code c's value x absmax rounded to bf16 (ties to even) in its
+// HIGH word (the low word is rounding residue, never read). The products are finite (|code| <= 1,
+// absmax finite), so rounding needs no NaN case.
 inline __m512i block_table(float scale) {
   const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale)));
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i h = _mm512_cvtepi32_epi16(r);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
 }
+// 16 packed bytes b -> 32 bf16 in natural order. Word index 2c + 1 of the table is code c's bf16, and
+// vpermw reads 5 index bits: per dword, the low word (b >> 3) | 1 = 2 (b >> 4) + 1 (bit 0 of b >> 3
+// is overwritten) gives the even element, the high word 2b + 1 = 2 (b & 15) + 1 (mod 32) the odd one.
 inline __m512i decode32(const uint8_t* src, __m512i table) {
   const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi32(t, 4), _mm512_slli_epi32(t, 16)), table);
+  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(t, 3), _mm512_slli_epi32(t, 17),
+                                                _mm512_set1_epi32(0x00010001), 0xFE);  // a | b | c
+  return _mm512_permutexvar_epi16(idx, table);
+}
+
+// Absmax of blocks [b0, b0 + n) -> dst, 16 at a time (the double-quantized ones with the two
+// roundings of dq_absmax: code8[q] * absmax2, then + offset; separate instructions, no FMA).
+void block_scales(const NF4Scales& sc, int64_t b0, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail16(n - i);
+    if (sc.qabsmax == nullptr) {
+      _mm512_mask_storeu_ps(dst + i, mk, _mm512_maskz_loadu_ps(mk, sc.absmax + b0 + i));
+      continue;
+    }
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, sc.qabsmax + b0 + i));
+    const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, q, sc.code8, 4);
+    const __m512i blk = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b0 + i)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512 a2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, _mm512_srli_epi32(blk, 8), sc.absmax2, 4);
+    _mm512_mask_storeu_ps(dst + i, mk, _mm512_add_ps(_mm512_mul_ps(c, a2), _mm512_set1_ps(sc.offset)));
+  }
 }
 
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
@@ -142,9 +164,13 @@ void decode_row(const NF4Weight& w, int lb, int64_t n, int64_t ks0, int64_t cnt,
     const bool pf = n + ahead_rows < w.N;
     const int64_t pf_bytes = ahead_rows * w.K / 2;
     if (pf && real > 0) _mm_prefetch(reinterpret_cast<const char*>(w.packed + flat / 2 + pf_bytes), _MM_HINT_T0);
+    // this segment's block scales, vectorised (at most real + 1 blocks: blocksize >= 32)
+    alignas(64) float scale[kKCS + 2];
+    const int64_t bfirst = flat >> lb;
+    if (real > 0) block_scales(w.scales, bfirst, ((flat + real * 32 - 1) >> lb) - bfirst + 1, scale);
     while (s < real) {
       const int64_t b = flat >> lb;
-      const __m512i table = block_table(block_scale(w.scales, b));
+      const __m512i table = block_table(scale[b - bfirst]);
       const int64_t seg = std::min(real - s, (((b + 1) << lb) - flat) / 32);
       for (int64_t j = 0; j < seg; ++j, ++s, flat += 32) {
         const uint8_t* src = w.packed + flat / 2;
@@ -289,7 +315,10 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    Scratch<uint16_t> wbuf(kSlotPanel, kNB * kKCS * 32);  // [kNB / 16][kcs][kTile]
+    // Decoded W rows, row-major with one spare 64-byte line per row: row i's step s at
+    // wbuf + i * ldw + 32 s, so the decode writes each row sequentially, and an A tile (16 rows,
+    // stride ldw) spreads over L1 sets instead of landing in one (a plain 2^k-byte stride would).
+    Scratch<uint16_t> wbuf(kSlotPanel, kNB * (kKCS + 1) * 32);
     Scratch<float> acc(kSlotAcc, kNB * Mp);            // y^T of the task: [kNB][Mp]
     const bool ok = wbuf.ok() && acc.ok();
     if (!ok) alloc_failed.store(true);
@@ -300,8 +329,8 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
       const int64_t n0 = t * kNB, rows = std::min(kNB, N - n0), pairs = (rows + 31) / 32;
       for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kKCS) {
         const int64_t kcs = std::min(kKCS, ksteps - kc0);
-        for (int64_t i = 0; i < pairs * 32; ++i)
-          decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile, 2);
+        const int64_t ldw = (kcs + 1) * 32;
+        for (int64_t i = 0; i < pairs * 32; ++i) decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + i * ldw, 32, 2);
         // sub_steps of one row pair's A stay in L1 while every x row group streams by
         for (int64_t s0 = 0; s0 < kcs; s0 += kern.sub_steps) {
           const int64_t ss = std::min(kern.sub_steps, kcs - s0), k_at = kc0 + s0;
@@ -309,8 +338,8 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
             for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
               const int64_t mt = m0 / 16;
               const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + k_at) * kTile : nullptr;
-              kern.block(wbuf.get() + (2 * p * kcs + s0) * kTile, wbuf.get() + ((2 * p + 1) * kcs + s0) * kTile,
-                         kTile, 32, xpack.get() + (mt * ksteps + k_at) * kTile, b1, kTile, ss,
+              kern.block(wbuf.get() + 32 * p * ldw + 32 * s0, wbuf.get() + (32 * p + 16) * ldw + 32 * s0,
+                         32, ldw, xpack.get() + (mt * ksteps + k_at) * kTile, b1, kTile, ss,
                          acc.get() + p * 32 * Mp + m0, Mp, k_at > 0);
             }
         }
