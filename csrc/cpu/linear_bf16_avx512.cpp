@@ -8,10 +8,11 @@
 // low nibble the odd one: natural order, one table per NF4 block (a 32-aligned group never spans
 // blocks: blocksize >= 32), the blocks' scales computed 16 at a time per row segment.
 //
-// Forward (y^T = W x^T): tasks of kNB W rows; per K chunk of kKCS steps of 32 the rows are decoded
-// once into row-major A panels (kNB x 4096 bf16 = 512 KB, L2) and run against every 32-row group of x, whose
-// VNNI tiles were packed once per call (pack_x, together with the LoRA shrink u = D(x) A^T). The
-// fp32 accumulator of a task, [kNB][Mp], is transposed out with the bias and the LoRA expand.
+// Forward (y^T = W x^T): passes over K chunks; in each, tasks of 32 W rows (a tile pair) decode
+// their chunk once into a row-major A panel and run it against every 32-row group of x, whose VNNI
+// tiles were packed once per call (pack_x, together with the LoRA shrink u = D(x) A^T). The chunk
+// is the kernel's sub_steps for larger M (A in L1, the x chunk panel in L2) and 4096 columns for
+// M <= 64. The fp32 y^T accumulator [Np][Mp] is transposed out with the bias and the LoRA expand.
 // Backward (dx = dy W): tasks of kKB columns; per N chunk of kNCS steps the W row pairs of those
 // columns are decoded and interleaved into VNNI B tiles; A tiles are dy rows read in place.
 #include <immintrin.h>
@@ -33,8 +34,7 @@ namespace bf16lin {
 
 namespace {
 
-constexpr int64_t kNB = 64;    // forward: W rows per task (two 32-row tile pairs)
-constexpr int64_t kKCS = 128;  // forward: K steps (of 32) per decoded chunk: 64 x 4096 bf16 (512 KB)
+constexpr int64_t kKCS = 128;  // forward, small M: K steps (of 32) per pass: 32 rows x 4096 bf16 (256 KB)
 constexpr int64_t kKB = 128;   // backward: dx columns per task
 constexpr int64_t kNCS = 32;   // backward: N steps (of 32) per decoded chunk: 1024 x 128 bf16
 constexpr int64_t kTile = 512; // bf16 elements in one 16 x 32 tile
@@ -110,6 +110,7 @@ inline uint16_t w_bf16(const NF4Weight& w, int64_t n, int64_t k) {
 
 // --- vector helpers: csrc/cpu/simd_avx512.h
 using avx512::apply_dropout;
+using avx512::block_scales;
 using avx512::from_bf16;
 using avx512::tail16;
 using avx512::to_bf16;
@@ -130,24 +131,6 @@ inline __m512i decode32(const uint8_t* src, __m512i table) {
   const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(t, 3), _mm512_slli_epi32(t, 17),
                                                 _mm512_set1_epi32(0x00010001), 0xFE);  // a | b | c
   return _mm512_permutexvar_epi16(idx, table);
-}
-
-// Absmax of blocks [b0, b0 + n) -> dst, 16 at a time (the double-quantized ones with the two
-// roundings of dq_absmax: code8[q] * absmax2, then + offset; separate instructions, no FMA).
-void block_scales(const NF4Scales& sc, int64_t b0, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mk = tail16(n - i);
-    if (sc.qabsmax == nullptr) {
-      _mm512_mask_storeu_ps(dst + i, mk, _mm512_maskz_loadu_ps(mk, sc.absmax + b0 + i));
-      continue;
-    }
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, sc.qabsmax + b0 + i));
-    const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, q, sc.code8, 4);
-    const __m512i blk = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b0 + i)),
-                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-    const __m512 a2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, _mm512_srli_epi32(blk, 8), sc.absmax2, 4);
-    _mm512_mask_storeu_ps(dst + i, mk, _mm512_add_ps(_mm512_mul_ps(c, a2), _mm512_set1_ps(sc.offset)));
-  }
 }
 
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
@@ -311,42 +294,44 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < r; ++j) sBt[j * Np16 + n] = lora->scaling * lora->B[n * r + j];
 
-  const int64_t ntasks = (N + kNB - 1) / kNB;
+  // y^T accumulator of the whole layer [Np][Mp] fp32 (kept scratch; row pairs past N unused)
+  const int64_t pairs = (N + 31) / 32;
+  Scratch<float> acc(kSlotAcc, pairs * 32 * Mp);
+  if (!acc.ok()) return Status::kOutOfMemory;
+  // K chunk per pass: small M keeps whole 4096-column rows (the decode streams them; A is read
+  // back from L2 once per 32 x rows); larger M takes sub_steps (A of a pair stays in L1 while every
+  // x row group of the chunk, a panel of Mp x 32 sub_steps bf16, streams from L2).
+  const int64_t kcs_max = Mp <= 64 ? kKCS : kern.sub_steps;
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    // Decoded W rows, row-major with one spare 64-byte line per row: row i's step s at
-    // wbuf + i * ldw + 32 s, so the decode writes each row sequentially, and an A tile (16 rows,
-    // stride ldw) spreads over L1 sets instead of landing in one (a plain 2^k-byte stride would).
-    Scratch<uint16_t> wbuf(kSlotPanel, kNB * (kKCS + 1) * 32);
-    Scratch<float> acc(kSlotAcc, kNB * Mp);            // y^T of the task: [kNB][Mp]
-    const bool ok = wbuf.ok() && acc.ok();
+    // One row pair's decoded W, row-major with one spare 64-byte line per row: row i's step s at
+    // pbuf + i * ldw + 32 s, so the decode writes each row sequentially and an A tile (16 rows,
+    // stride ldw) spreads over L1 sets instead of landing in one (a 2^k-byte stride would).
+    Scratch<uint16_t> pbuf(kSlotPanel, 32 * (kcs_max + 1) * 32);
+    const bool ok = pbuf.ok();
     if (!ok) alloc_failed.store(true);
     if (ok) kern.thread_begin();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntasks; ++t) {
-      if (!ok) continue;
-      const int64_t n0 = t * kNB, rows = std::min(kNB, N - n0), pairs = (rows + 31) / 32;
-      for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kKCS) {
-        const int64_t kcs = std::min(kKCS, ksteps - kc0);
-        const int64_t ldw = (kcs + 1) * 32;
-        for (int64_t i = 0; i < pairs * 32; ++i) decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + i * ldw, 32, 2);
-        // sub_steps of one row pair's A stay in L1 while every x row group streams by
-        for (int64_t s0 = 0; s0 < kcs; s0 += kern.sub_steps) {
-          const int64_t ss = std::min(kern.sub_steps, kcs - s0), k_at = kc0 + s0;
-          for (int64_t p = 0; p < pairs; ++p)
-            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-              const int64_t mt = m0 / 16;
-              const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + k_at) * kTile : nullptr;
-              kern.block(wbuf.get() + 32 * p * ldw + 32 * s0, wbuf.get() + (32 * p + 16) * ldw + 32 * s0,
-                         32, ldw, xpack.get() + (mt * ksteps + k_at) * kTile, b1, kTile, ss,
-                         acc.get() + p * 32 * Mp + m0, Mp, k_at > 0);
-            }
+    for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kcs_max) {
+      const int64_t kcs = std::min(kcs_max, ksteps - kc0), ldw = (kcs + 1) * 32;
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < pairs; ++p) {
+        if (!ok) continue;
+        for (int64_t i = 0; i < 32; ++i)
+          decode_row(w, lb, p * 32 + i, kc0, kcs, pbuf.get() + i * ldw, 32, 32);
+        for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+          const int64_t mt = m0 / 16;
+          const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + kc0) * kTile : nullptr;
+          kern.block(pbuf.get(), pbuf.get() + 16 * ldw, 32, ldw, xpack.get() + (mt * ksteps + kc0) * kTile, b1,
+                     kTile, kcs, acc.get() + p * 32 * Mp + m0, Mp, kc0 > 0);
         }
       }
-      forward_epilogue(acc.get(), Mp, M, N, n0, rows, bias, lora ? u : nullptr, sBt.data(), Np16, r, y);
     }
     if (ok) kern.thread_end();
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p)
+      forward_epilogue(acc.get() + p * 32 * Mp, Mp, M, N, p * 32, std::min<int64_t>(32, N - p * 32), bias,
+                       lora ? u : nullptr, sBt.data(), Np16, r, y);
   }
   return alloc_failed ? Status::kOutOfMemory : Status::kOk;
 }
