@@ -133,35 +133,61 @@ inline __m512i decode32(const uint8_t* src, __m512i table) {
   return _mm512_permutexvar_epi16(idx, table);
 }
 
+// G groups of 32 codes per NF4 block (blocks aligned with the segment: a compile-time count, so the
+// loop per block is straight-line code); G == 0: the general case, blocks cut where they fall.
+template <int G>
+void decode_segment(const uint8_t* src, const float* scale, int64_t lb, int64_t flat, int64_t real,
+                    uint16_t* dst, int64_t dst_step, const uint8_t* pf_src) {
+  if (G > 0) {
+    for (int64_t s = 0, b = 0; s < real; s += G, ++b) {
+      if (pf_src) _mm_prefetch(reinterpret_cast<const char*>(pf_src + 16 * s), _MM_HINT_T0);
+      const __m512i table = block_table(scale[b]);
+      for (int g = 0; g < (G > 0 ? G : 1); ++g)
+        _mm512_store_si512(dst + (s + g) * dst_step, decode32(src + 16 * (s + g), table));
+    }
+    return;
+  }
+  const int64_t bfirst = flat >> lb;
+  for (int64_t s = 0; s < real;) {
+    const int64_t b = (flat + 32 * s) >> lb;
+    const __m512i table = block_table(scale[b - bfirst]);
+    const int64_t seg_end = std::min(real, (((b + 1) << lb) - flat) / 32);
+    for (; s < seg_end; ++s) {
+      if (pf_src && (s & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf_src + 16 * s), _MM_HINT_T0);
+      _mm512_store_si512(dst + s * dst_step, decode32(src + 16 * s, table));
+    }
+  }
+}
+
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
-// natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize).
-// The packed bytes `ahead_rows` rows further down are prefetched as this row's are read: the
-// tasks walk W rows with a stride, which the hardware prefetchers follow poorly (the loads of the
-// packed codes were the hot spot of the small-M profiles).
+// natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize). The packed
+// bytes `ahead_rows` rows further down are prefetched as this row's are read: the tasks walk W rows
+// with a stride, which the hardware prefetchers follow poorly (the loads of the packed codes were
+// the hot spot of the small-M profiles).
 void decode_row(const NF4Weight& w, int lb, int64_t n, int64_t ks0, int64_t cnt, uint16_t* dst,
                 int64_t dst_step, int64_t ahead_rows) {
   int64_t s = 0;
   if (n < w.N && w.K % 32 == 0) {
-    const int64_t real = std::min(cnt, w.K / 32 - ks0);
-    int64_t flat = n * w.K + ks0 * 32;
-    const bool pf = n + ahead_rows < w.N;
-    const int64_t pf_bytes = ahead_rows * w.K / 2;
-    if (pf && real > 0) _mm_prefetch(reinterpret_cast<const char*>(w.packed + flat / 2 + pf_bytes), _MM_HINT_T0);
-    // this segment's block scales, vectorised (at most real + 1 blocks: blocksize >= 32)
-    alignas(64) float scale[kKCS + 2];
-    const int64_t bfirst = flat >> lb;
-    if (real > 0) block_scales(w.scales, bfirst, ((flat + real * 32 - 1) >> lb) - bfirst + 1, scale);
-    while (s < real) {
-      const int64_t b = flat >> lb;
-      const __m512i table = block_table(scale[b - bfirst]);
-      const int64_t seg = std::min(real - s, (((b + 1) << lb) - flat) / 32);
-      for (int64_t j = 0; j < seg; ++j, ++s, flat += 32) {
-        const uint8_t* src = w.packed + flat / 2;
-        // one prefetch per 64-byte line (a step is 16 bytes)
-        if (pf && ((reinterpret_cast<uintptr_t>(src) + 16) & 63) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(src + 16 + pf_bytes), _MM_HINT_T0);
-        _mm512_store_si512(dst + s * dst_step, decode32(src, table));
-      }
+    const int64_t real = std::max<int64_t>(0, std::min(cnt, w.K / 32 - ks0));
+    if (real > 0) {
+      const int64_t flat = n * w.K + ks0 * 32;
+      const uint8_t* src = w.packed + flat / 2;
+      const uint8_t* pf = n + ahead_rows < w.N ? src + ahead_rows * w.K / 2 : nullptr;
+      // this segment's block scales, vectorised (at most real + 1 blocks: blocksize >= 32)
+      alignas(64) float scale[kKCS + 2];
+      const int64_t bfirst = flat >> lb;
+      block_scales(w.scales, bfirst, ((flat + real * 32 - 1) >> lb) - bfirst + 1, scale);
+      const int64_t bs = w.blocksize;
+      const bool aligned = flat % bs == 0 && (real * 32) % bs == 0;
+      if (aligned && bs == 64)
+        decode_segment<2>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else if (aligned && bs == 128)
+        decode_segment<4>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else if (aligned && bs == 32)
+        decode_segment<1>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else
+        decode_segment<0>(src, scale, lb, flat, real, dst, dst_step, pf);
+      s = real;
     }
   } else if (n < w.N) {  // rows start mid-byte or mid-block: element by element
     for (; s < cnt; ++s)
