@@ -253,3 +253,30 @@ def test_lora_grad_a_matches_ref(tier, dtype, M, K, r, p):
         dA = cpu_linear.lora_grad_a(gg, x, 0.3, p, seed)
     dAr = cpu_linear.lora_grad_a(gg, x, 0.3, p, seed, impl="ref")
     torch.testing.assert_close(dA, dAr, rtol=1e-5, atol=1e-5 * dAr.abs().max().item())
+
+
+def test_amx_refused_falls_back_and_says_so():
+    """Where the XTILEDATA permission is refused (simulated: NF4LORA_NO_AMX=1), bf16 takes the next
+    path and info() says why; results stay within the bf16 error model."""
+    if not _C.has_amx_bf16():
+        pytest.skip("CPU has no AMX-BF16: nothing to refuse")
+    import subprocess
+    import sys
+    code = (
+        "import json, torch, nf4lora as nl\n"
+        "i = nl.info()\n"
+        "q = nl.quantize_nf4(torch.randn(64, 128), 64)\n"
+        "x = torch.randn(33, 128).bfloat16()\n"
+        "y = nl.nf4_linear(x, q).float()\n"
+        "w = nl.dequantize_nf4(q, torch.float64)\n"
+        "err = ((y.double() - x.double() @ w.t()).norm() / (x.double() @ w.t()).norm()).item()\n"
+        "print(json.dumps({'amx': i['cpu']['amx'], 'path': i['paths']['bfloat16']['forward M=512'], 'err': err}))\n")
+    import os
+    env = dict(os.environ, NF4LORA_NO_AMX="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    import json
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["amx"].startswith("refused: ")
+    assert got["path"] == ("avx512_bf16" if _C.has_avx512bf16() else "gemm512")
+    assert got["err"] < 1e-2
