@@ -1,7 +1,7 @@
 // Backward driver of the bf16 tile path (csrc/cpu/linear_bf16.h): dx = dy W + s D(g A).
 // AVX-512 F/BW code, run only when use_avx512() and the micro-kernel's own check hold.
 //
-// Tasks of kKB dx columns; per N chunk of kNCS steps the W row pairs of those columns are decoded
+// Tasks of kb dx columns; per N chunk of ncs steps (bwd_shape) the W row pairs of those columns are decoded
 // and interleaved (vpermt2w) into VNNI B tiles; A tiles are dy rows, copied once per call into
 // tile-contiguous order (pack_rows). The epilogue adds s D(g A) (dropout hashed on 16 lanes).
 #include <omp.h>
@@ -15,8 +15,13 @@ namespace bf16lin {
 
 namespace {
 
-constexpr int64_t kKB = 128;   // dx columns per task
-constexpr int64_t kNCS = 32;   // N steps (of 32) per decoded chunk: 1024 x 128 bf16
+// Task shape: dx columns per task (kb) and N steps (of 32) per decoded chunk (ncs). Larger M reuses
+// each decoded chunk (1024 x 128 bf16 = 256 KB) over many dy rows; small M is bound by the decode,
+// so each W row segment is made longer (512 columns: fewer row starts, longer prefetch streams).
+struct BwdShape {
+  int64_t kb, ncs;
+};
+inline BwdShape bwd_shape(int64_t Mp) { return Mp <= 64 ? BwdShape{512, 8} : BwdShape{128, 32}; }
 
 }  // namespace
 
@@ -40,6 +45,8 @@ Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const 
   }
   const __m512i idx_lo = _mm512_load_si512(ilo), idx_hi = _mm512_load_si512(ihi);
 
+  const BwdShape shape = bwd_shape(Mp);
+  const int64_t kKB = shape.kb, kNCS = shape.ncs;
   const int64_t ntasks = (Kp + kKB - 1) / kKB;
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
