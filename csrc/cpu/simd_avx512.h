@@ -9,6 +9,7 @@
 
 #include "nf4lora/dropout.h"
 #include "nf4lora/dtype.h"
+#include "nf4lora/layout.h"
 
 namespace nf4lora {
 namespace {
@@ -60,6 +61,24 @@ inline __m512 apply_dropout(const DropoutMask& d, uint32_t row_hash, int64_t k0,
   const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(hash32v(k), 8),
                                                  _mm512_set1_epi32(static_cast<int32_t>(d.threshold)));
   return _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(d.scale));
+}
+
+// Absmax of blocks [b0, b0 + n) -> dst, 16 at a time (the double-quantized ones with the two
+// roundings of dq_absmax: code8[q] * absmax2, then + offset; separate instructions, no FMA).
+inline void block_scales(const NF4Scales& sc, int64_t b0, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = tail16(n - i);
+    if (sc.qabsmax == nullptr) {
+      _mm512_mask_storeu_ps(dst + i, mk, _mm512_maskz_loadu_ps(mk, sc.absmax + b0 + i));
+      continue;
+    }
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mk, sc.qabsmax + b0 + i));
+    const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, q, sc.code8, 4);
+    const __m512i blk = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(b0 + i)),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    const __m512 a2 = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mk, _mm512_srli_epi32(blk, 8), sc.absmax2, 4);
+    _mm512_mask_storeu_ps(dst + i, mk, _mm512_add_ps(_mm512_mul_ps(c, a2), _mm512_set1_ps(sc.offset)));
+  }
 }
 
 }  // namespace avx512
