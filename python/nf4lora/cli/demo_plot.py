@@ -22,7 +22,7 @@ def plot_demo(path, m):
     names = ["before", "after", "merged"]
     vals = [m["accuracy"].get(k, 0) for k in names]
     if cmp:
-        names.append("bnb+PEFT")
+        names.append("bnb +\nPEFT")
         vals.append(cmp["bitsandbytes_peft"]["accuracy_after"])
     bx.bar(names, vals, color=["grey", "tab:blue", "tab:green", "tab:orange"][:len(vals)])
     bx.set_ylim(0, 1)
