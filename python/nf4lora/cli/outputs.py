@@ -2,6 +2,7 @@
 name beside it and renamed into place (an interrupted run leaves old files or none, never a
 truncated one)."""
 import json
+import math
 import os
 import tempfile
 
@@ -43,10 +44,21 @@ def _atomic(path, write):
     return path
 
 
+def finite(obj):
+    """obj with every NaN / inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     def w(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(finite(obj), f, indent=2, allow_nan=False)
             f.write("\n")
     return _atomic(path, w)
 
