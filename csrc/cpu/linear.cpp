@@ -75,14 +75,14 @@ const bf16lin::TileKernel* bf16_kernel(DType dtype) {
 const char* forward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows) return t->name;
-  if (M > kGemvMaxRows || K % 32 != 0) return "gemm";
+  if (M > kGemvMaxRows || K % 32 != 0) return use_avx512() ? "gemm512" : "gemm";
   return (M <= kGemv512MaxRows && use_avx512()) ? "gemv512" : "gemv";
 }
 
 const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype)) return t->name;
-  return "gemm";
+  return use_avx512() ? "gemm512" : "gemm";
 }
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
@@ -131,8 +131,9 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   // GEMM: y^T accumulates in fp32 [N, Mp]; LoRA rides as r extra K columns.
   const int64_t Mp = (M + 15) / 16 * 16, Np = (N + 5) / 6 * 6;  // micro-tiles are 6 W rows
   std::vector<float> yT(static_cast<size_t>(Np * Mp));
-  avx2lin::gemm_forward(w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r,
-                        lora ? lora->scaling : 0.0f, yT.data());
+  (use_avx512() ? avx512lin::gemm_forward : avx2lin::gemm_forward)(  // "gemm512" / "gemm"
+      w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r, lora ? lora->scaling : 0.0f,
+      yT.data());
   // Transpose out in 8 x 8 register tiles (yT rows are Mp >= m0 + 8 long); the last N % 8
   // columns element by element.
   const int64_t N8 = N / 8 * 8;
@@ -168,7 +169,7 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   const bool in_place = dtype == DType::kF32 && Kp == K;
   if (!in_place) accbuf.resize(static_cast<size_t>(M * Kp));
   float* acc = in_place ? static_cast<float*>(dx) : accbuf.data();
-  avx2lin::gemm_backward_dx(w, dyp, M, acc, Kp);
+  (use_avx512() ? avx512lin::gemm_backward_dx : avx2lin::gemm_backward_dx)(w, dyp, M, acc, Kp);
   // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.
 #pragma omp parallel
   {
