@@ -97,6 +97,14 @@ class Scratch {
 
 thread_local KeptBuf t_pack;   // calling thread: x^T / dy packed operand
 thread_local KeptBuf t_panel;  // each OpenMP thread: decoded W block (dx)
+thread_local KeptBuf t_cblock; // each OpenMP thread: a task's C block (contiguous, so it keeps
+                               // all of L2's sets: output rows 4*ldc apart would crowd a few)
+
+// rows x cols (fp32) from src (row stride lds) to dst (row stride ldd)
+inline void copy_block(const float* src, int64_t lds, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t i = 0; i < rows; ++i)
+    std::memcpy(dst + i * ldd, src + i * lds, static_cast<size_t>(cols) * sizeof(float));
+}
 
 // ---------------------------------------------------------------- NF4 decode
 // Block absmax with the two roundings of dq_absmax (code8[q] * absmax2, then + offset).
@@ -249,13 +257,16 @@ inline void run_tile(int64_t mr, int64_t width, const float* a, const float* b, 
   table.f[mr - 1][width > 16 ? 1 : 0](a, b, kc, c, ldc, accumulate);
 }
 
-// Split n (in units of `unit`) into blocks of at most maxb, with a block count that is a multiple
-// of `parts` where n allows; returns the block size (a multiple of unit).
-int64_t split(int64_t n, int64_t unit, int64_t maxb, int64_t parts) {
-  int64_t nblocks = rup(cdiv(n, maxb), std::max<int64_t>(parts, 1));
-  nblocks = std::max<int64_t>(1, std::min(nblocks, cdiv(n, unit)));
-  return std::min(rup(cdiv(n, nblocks), unit), rup(n, unit));
-}
+// [0, n) in blocks of whole units (the last unit may be partial) of at most maxu units each, the
+// block count a multiple of `parts` where n allows, units spread evenly (sizes differ by <= 1 unit).
+struct Blocks {
+  int64_t n, unit, units, count;
+  Blocks(int64_t n_, int64_t unit_, int64_t maxu, int64_t parts)
+      : n(n_), unit(unit_), units(cdiv(n_, unit_)),
+        count(std::max<int64_t>(1, std::min(units, rup(cdiv(units, maxu), std::max<int64_t>(parts, 1))))) {}
+  int64_t lo(int64_t t) const { return std::min(n, t * units / count * unit); }
+  int64_t hi(int64_t t) const { return std::min(n, (t + 1) * units / count * unit); }
+};
 
 }  // namespace
 
@@ -269,10 +280,8 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
   const int64_t npan = cdiv(M, kNR);            // 32-wide x^T panels
   const int64_t threads = omp_get_max_threads();
   // y^T column blocks (multiples of 32, the last ends at Mp) x W row blocks (multiples of 14)
-  const int64_t mb = split(Mp, kNR, kMB, 1);
-  const int64_t nmb = cdiv(Mp, mb);
-  const int64_t nb = split(N, kMR, kNB, nmb >= threads ? 1 : cdiv(threads, nmb));
-  const int64_t nnb = cdiv(N, nb);
+  const Blocks mbl(Mp, kNR, kMB / kNR, 1);
+  const Blocks nbl(N, kMR, kNB / kMR, mbl.count >= threads ? 1 : cdiv(threads, mbl.count));
   Scratch xs(t_pack, npan * K2 * kNR);
   // x^T: per reduction chunk [k0, k0 + kc), the chunk's npan panels [kc][32] one after another
   // (a chunk is contiguous: panels K2 apart would share L2 sets whenever K2 * 128 B is a multiple
@@ -306,14 +315,16 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
       }
 
     // ---- tasks: (W row block) x (y^T column block), whole reduction each
+    Scratch cb(t_cblock, kNB * kMB);
+    float* cblk = cb.get();  // the task's y^T block [nhi - nlo][mhi - mlo]
     alignas(64) float arows[16 * kKC];   // W micro-panel rows [16][kKC] as decoded (rows >= mr: 0)
     alignas(64) float apanel[kKC * kMR];  // the same packed [kc][14] for the micro-kernel, L1
     std::fill_n(arows, 16 * kKC, 0.0f);
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t tn = 0; tn < nnb; ++tn)
-      for (int64_t tm = 0; tm < nmb; ++tm) {
-        const int64_t nlo = tn * nb, nhi = std::min(N, nlo + nb);
-        const int64_t mlo = tm * mb, mhi = std::min(Mp, mlo + mb);
+    for (int64_t tn = 0; tn < nbl.count; ++tn)
+      for (int64_t tm = 0; tm < mbl.count; ++tm) {
+        const int64_t nlo = nbl.lo(tn), nhi = nbl.hi(tn);
+        const int64_t mlo = mbl.lo(tm), mhi = mbl.hi(tm);
         for (int64_t k0 = 0; k0 < K2; k0 += kKC) {
           const int64_t kc = std::min(kKC, K2 - k0);
           const int64_t kw = std::max<int64_t>(0, std::min(K, k0 + kc) - k0);  // W columns in chunk
@@ -330,9 +341,10 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
             pack_a(arows, kKC, kc, apanel);
             for (int64_t p0 = mlo; p0 < mhi; p0 += kNR)
               run_tile(mr, mhi - p0, apanel, xT + (k0 * npan + (p0 / kNR) * kc) * kNR, kc,
-                       yT + i0 * Mp + p0, Mp, k0 > 0);
+                       cblk + (i0 - nlo) * (mhi - mlo) + (p0 - mlo), mhi - mlo, k0 > 0);
           }
         }
+        copy_block(cblk, mhi - mlo, nhi - nlo, mhi - mlo, yT + nlo * Mp + mlo, Mp);
       }
   }
 }
@@ -343,10 +355,8 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
   const int64_t Kp = rup(K, 16);
   const int64_t nmp = cdiv(M, kMR);  // 14-row dy micro-panels
   const int64_t threads = omp_get_max_threads();
-  const int64_t mb = split(M, kMR, kMBdx, 1);
-  const int64_t nmb = cdiv(M, mb);
-  const int64_t kb = split(K, kNR, kKB, nmb >= threads ? 1 : cdiv(threads, nmb));
-  const int64_t nkb = cdiv(K, kb);
+  const Blocks mbl(M, kMR, kMBdx / kMR, 1);
+  const Blocks kbl(K, kNR, kKB / kNR, mbl.count >= threads ? 1 : cdiv(threads, mbl.count));
   Scratch ds(t_pack, nmp * N * kMR);
   float* dyp = ds.get();  // [nmp][N][14]
   const int64_t nblk = cdiv(N, 16);
@@ -372,14 +382,16 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
     // ---- tasks: (dx column block) x (dy row block), whole reduction each
     Scratch wb(t_panel, kNC * kKB + 32);
     float* wbuf = wb.get();  // [cols/32][nc][32]
+    Scratch cb(t_cblock, kMBdx * kKB);
+    float* cblk = cb.get();  // the task's dx block [mhi - mlo][npanel * 32]
     alignas(64) float row[kKB + 32];
 #pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t tk = 0; tk < nkb; ++tk)
-      for (int64_t tm = 0; tm < nmb; ++tm) {
-        const int64_t klo = tk * kb, khi = std::min(K, klo + kb);
+    for (int64_t tk = 0; tk < kbl.count; ++tk)
+      for (int64_t tm = 0; tm < mbl.count; ++tm) {
+        const int64_t klo = kbl.lo(tk), khi = kbl.hi(tk);
         const int64_t cend = std::min(Kp, rup(khi, 16));  // columns written (>= K: scratch)
         const int64_t npanel = cdiv(cend - klo, kNR);
-        const int64_t mlo = tm * mb, mhi = std::min(M, mlo + mb);
+        const int64_t mlo = mbl.lo(tm), mhi = mbl.hi(tm);
         for (int64_t n0 = 0; n0 < N; n0 += kNC) {
           const int64_t nc = std::min(kNC, N - n0);
           for (int64_t i = 0; i < nc; ++i) {
@@ -396,11 +408,12 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
             const float* a = dyp + ((m0 / kMR) * N + n0) * kMR;
             for (int64_t cp = 0; cp < npanel; ++cp) {
               const int64_t c = klo + cp * kNR;
-              run_tile(mr, cend - c, a, wbuf + cp * nc * kNR, nc, dxacc + m0 * ldc + c, ldc,
-                               n0 > 0);
+              run_tile(mr, cend - c, a, wbuf + cp * nc * kNR, nc,
+                       cblk + (m0 - mlo) * npanel * kNR + cp * kNR, npanel * kNR, n0 > 0);
             }
           }
         }
+        copy_block(cblk, npanel * kNR, mhi - mlo, cend - klo, dxacc + mlo * ldc + klo, ldc);
       }
   }
 }
