@@ -4,24 +4,29 @@
 // rounded before it meets the FMA), fp32 accumulation, summation order ours.
 //
 // Micro-kernel: C[MR x 32] (+)= A[MR x kc] B[kc x 32], MR = 14 rows broadcast (vbroadcastss) against
-// 2 zmm of B per k: 28 zmm accumulators, 2 B registers, 1 broadcast register. Per k: 2 vector loads
-// + 14 broadcasts for 28 FMAs (14 cycles on two 512-bit FMA ports). The A micro-panel (14 x kc,
-// 14 KB) stays in L1 while the B micro-panels (kc x 32, 32 KB each) stream from L2, as BLIS does on
-// Skylake-X. Edge tiles: MR 1..13 and 16-wide (one zmm) variants, so no output is padded.
+// 2 zmm of B per k: 28 zmm accumulators, 2 B registers, 1 broadcast register, no spills. Per k:
+// 2 vector loads + 14 broadcasts for 28 FMAs (14 cycles on two 512-bit FMA ports). A is packed
+// [kc][14] (one contiguous stream); with kc = 128 the A micro-panel (7 KB) and a B micro-panel
+// (kc x 32: 16 KB) fit a 32 KB L1 together, so A stays in L1 while the B micro-panels stream from
+// L2 (as BLIS on Skylake-X). (At kc = 256 in 14 separate rows 1 KB apart, the 32 KB B stream evicted
+// A between calls: forward 86 -> 134 GFLOP/s on one SPR core once fixed.) Edge tiles: 1..13 rows
+// and 16 columns (one zmm) variants, so no output is padded. Each task accumulates into its own
+// contiguous C block (rows of y^T or dx 4*ldc bytes apart would crowd a few L2 sets) and copies it
+// out once; tasks are spread evenly over the threads.
 //
 // Forward (y^T = W x^T, LoRA as r extra reduction columns: A = s B rows, B = u^T):
 //  - x^T (and u^T) packed once per call, transposed in 16 x 16 register blocks, into 32-wide panels
-//    [K chunk][panel][kc][32] (rows m >= M zero);
-//  - tasks = (block of up to kNB W rows) x (block of up to kMB columns of y^T), so a task's C block
-//    (252 x 512 fp32 = 504 KB) stays in L2 over the whole reduction; per K chunk of kKC the task's
-//    x^T chunk (512 x 256 fp32 = 512 KB) is L2-resident and each W micro-panel (14 rows x kKC,
-//    decoded once per task) runs against every 32-wide x^T panel of the task.
+//    stored chunk-major [K chunk][panel][kc][32] (rows m >= M zero), so a chunk is contiguous;
+//  - tasks = (up to kNB = 252 W rows) x (up to kMB = 512 y^T columns): the C block (504 KB) stays
+//    in L2 over the whole reduction; per chunk of kKC columns the task's x^T chunk (512 x 128 fp32 =
+//    256 KB) is L2-resident and each W micro-panel (14 rows, decoded once per task and chunk, the
+//    next one's NF4 bytes prefetched) runs against every 32-wide x^T panel of the task.
 // Backward dx (dx = dy W):
 //  - dy packed once per call into 14-row micro-panels [M/14][N][14] (contiguous broadcasts; dy rows
 //    in place would put 14 streams 4*N bytes apart, i.e. into one L1 set when N*4 % 4096 == 0);
-//  - tasks = (block of up to kKB dx columns) x (block of up to kMBdx rows); per N chunk of kNC the W
-//    rows of the task's columns are decoded (natural order) into panel-major [cols/32][nc][32]
-//    (256 KB, L2); each dy micro-panel (14 x nc, L1) runs against every 32-column W panel.
+//  - tasks = (up to kKB = 256 dx columns) x (up to kMBdx = 504 dy rows); per chunk of kNC = 128 W
+//    rows, the task's columns of those rows are decoded (natural order) into panel-major
+//    [cols/32][nc][32] (128 KB, L2); each dy micro-panel (14 x nc, L1) runs against every W panel.
 //
 // NF4 decode, 32 codes per 16-byte load: vpmovzxbd widens the bytes to dwords; vpermps against a
 // zmm of the 16 exact fp32 code values reads index bits [3:0], so the byte looks up its low nibble
@@ -52,11 +57,11 @@ namespace {
 
 constexpr int kMR = 14;           // micro-tile rows (broadcast operand)
 constexpr int kNR = 32;           // micro-tile columns (2 zmm)
-constexpr int64_t kKC = 128;      // forward: reduction columns per chunk (A micro-panel 14 KB)
+constexpr int64_t kKC = 128;      // forward: reduction columns per chunk (A micro-panel 7 KB)
 constexpr int64_t kNB = 18 * kMR; // forward: max W rows per task (252)
 constexpr int64_t kMB = 512;      // forward: max y^T columns (activation rows) per task
 constexpr int64_t kNC = 128;      // dx: reduction (W rows) per chunk
-constexpr int64_t kKB = 256;      // dx: max dx columns per task (decoded W block 256 x 256 = 256 KB)
+constexpr int64_t kKB = 256;      // dx: max dx columns per task (decoded W block 128 x 256: 128 KB)
 constexpr int64_t kMBdx = 36 * kMR;  // dx: max dy rows per task (504)
 constexpr size_t kKeepBytes = size_t{64} << 20;
 
@@ -143,6 +148,14 @@ struct Decoder {
     const __m512 s = _mm512_set1_ps(block_scale(w.scales, g >> lb));
     _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_permutex2var_ps(hi, even_idx, lo), s));
     _mm512_storeu_ps(dst + 16, _mm512_mul_ps(_mm512_permutex2var_ps(hi, odd_idx, lo), s));
+  }
+
+  // software prefetch of the packed bytes of W_flat[f0 : f0 + len] (to L2: decoded later)
+  inline void prefetch(int64_t f0, int64_t len) const {
+    const char* p0 = reinterpret_cast<const char*>(w.packed + f0 / 2);
+    const char* p1 = reinterpret_cast<const char*>(w.packed + (f0 + len - 1) / 2);
+    for (const char* p = p0; p <= p1; p += 64) _mm_prefetch(p, _MM_HINT_T1);
+    _mm_prefetch(p1, _MM_HINT_T1);
   }
 
   // dst[0:len] = W_flat[f0 : f0 + len]
@@ -339,6 +352,9 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
             if (mr < kMR)  // stale rows of the previous micro-panel: never read, but keep them finite
               std::fill(arows + mr * kKC, arows + kMR * kKC, 0.0f);
             pack_a(arows, kKC, kc, apanel);
+            // the next micro-panel's NF4 bytes (from L3 / DRAM) arrive while this one computes
+            if (kw > 0)
+              for (int64_t n = i0 + kMR; n < std::min(nhi, i0 + 2 * kMR); ++n) dec.prefetch(n * K + k0, kw);
             for (int64_t p0 = mlo; p0 < mhi; p0 += kNR)
               run_tile(mr, mhi - p0, apanel, xT + (k0 * npan + (p0 / kNR) * kc) * kNR, kc,
                        cblk + (i0 - nlo) * (mhi - mlo) + (p0 - mlo), mhi - mlo, k0 > 0);
