@@ -197,6 +197,10 @@ Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, in
   if (!g || !x || !dA) return Status::kNullPointer;
   if (M <= 0 || K <= 0 || r <= 0) return Status::kBadSize;
   if (!use_avx2()) return lora_grad_a_ref(g, x, dtype, M, K, r, scaling, drop, dA);
+  if (use_avx512()) {
+    avx512lin::lora_grad_a(g, x, dtype, M, K, r, scaling, drop, dA);
+    return Status::kOk;
+  }
   constexpr int64_t kCols = 512;
   std::fill_n(dA, r * K, 0.0f);
 #pragma omp parallel

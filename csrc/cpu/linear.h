@@ -76,6 +76,9 @@ void gemm_forward(const NF4Weight& w, const void* x, DType dtype, int64_t M, con
 // As avx2lin::gemm_backward_dx: dxacc [M, ldc] (fp32, ldc >= round_up(K, 16); columns K..ldc-1
 // are scratch) = dy W, dy fp32 [M, N], W [N, K].
 void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxacc, int64_t ldc);
+// dA [r, K] (fp32) = scaling g^T D(x), g [M, r] fp32, x [M, K] in dtype (csrc/cpu/lora_avx512.cpp)
+void lora_grad_a(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                 float scaling, const DropoutMask& drop, float* dA);
 }  // namespace avx512lin
 
 }  // namespace nf4lora

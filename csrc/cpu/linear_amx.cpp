@@ -82,7 +82,7 @@ void amx_block(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_t l
 
 }  // namespace
 
-const TileKernel kAmxKernel = {"amx", amx_begin, amx_end, amx_block};
+const TileKernel kAmxKernel = {"amx", 16, amx_begin, amx_end, amx_block};
 
 }  // namespace bf16lin
 }  // namespace nf4lora

@@ -59,7 +59,7 @@ void dpbf16_block(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_
 
 }  // namespace
 
-const TileKernel kDpbf16Kernel = {"avx512_bf16", noop, noop, dpbf16_block};
+const TileKernel kDpbf16Kernel = {"avx512_bf16", 8, noop, noop, dpbf16_block};
 
 }  // namespace bf16lin
 }  // namespace nf4lora

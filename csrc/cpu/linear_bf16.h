@@ -23,6 +23,9 @@ namespace bf16lin {
 // thread_begin/thread_end bracket every thread's use (AMX: tile configuration and release).
 struct TileKernel {
   const char* name;
+  // reduction steps per block() call in the forward, so that a row pair's A (2 x steps KB) and
+  // the B tiles it meets stay in L1: AMX reads 1 KB tiles, VDPBF16PS re-reads B once per 8 rows
+  int64_t sub_steps;
   void (*thread_begin)();
   void (*thread_end)();
   void (*block)(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_t lda,

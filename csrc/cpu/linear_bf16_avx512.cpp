@@ -2,16 +2,17 @@
 // cache blocking, the LoRA shrink and expand, and the epilogues; the tile micro-kernel (AMX or
 // AVX512-BF16) is passed in. AVX-512 F/BW code, run only when use_avx512().
 //
-// Decode, 32 codes per 16-byte load: vpmovzxbd widens each packed byte b to a dword; the word pair
-// (b >> 4, b) indexes a 32-entry bf16 table (vpermw reads 5 index bits) that holds the block's 16
-// values code x absmax (fp32 product rounded to bf16, ties to even) twice, so b's high nibble
-// gives the even element and b & 31 (= the low nibble, table doubled) the odd one: natural order,
-// one table per NF4 block (a 32-aligned group never spans blocks: blocksize >= 32).
+// Decode, 32 codes per 16-byte load: vpmovzxbd widens each packed byte b to a dword; a word pair
+// built from b (decode32) indexes with vpermw the block's table of 16 values code x absmax (fp32
+// product rounded to bf16, ties to even; block_table), b's high nibble the even element and its
+// low nibble the odd one: natural order, one table per NF4 block (a 32-aligned group never spans
+// blocks: blocksize >= 32), the blocks' scales computed 16 at a time per row segment.
 //
-// Forward (y^T = W x^T): tasks of kNB W rows; per K chunk of kKCS steps of 32 the rows are decoded
-// once into A tiles (kNB x 1024 bf16 = 128 KB, L2) and run against every 32-row group of x, whose
-// VNNI tiles were packed once per call (pack_x, together with the LoRA shrink u = D(x) A^T). The
-// fp32 accumulator of a task, [kNB][Mp], is transposed out with the bias and the LoRA expand.
+// Forward (y^T = W x^T): passes over K chunks; in each, tasks of 32 W rows (a tile pair) decode
+// their chunk once into a row-major A panel and run it against every 32-row group of x, whose VNNI
+// tiles were packed once per call (pack_x, together with the LoRA shrink u = D(x) A^T). The chunk
+// is the kernel's sub_steps for larger M (A in L1, the x chunk panel in L2) and 4096 columns for
+// M <= 64. The fp32 y^T accumulator [Np][Mp] is transposed out with the bias and the LoRA expand.
 // Backward (dx = dy W): tasks of kKB columns; per N chunk of kNCS steps the W row pairs of those
 // columns are decoded and interleaved into VNNI B tiles; A tiles are dy rows read in place.
 #include <immintrin.h>
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "cpu/linear_bf16.h"
+#include "cpu/simd_avx512.h"
 #include "nf4lora/nf4.h"
 
 namespace nf4lora {
@@ -32,9 +34,7 @@ namespace bf16lin {
 
 namespace {
 
-constexpr int64_t kNB = 64;    // forward: W rows per task (two 32-row tile pairs)
-constexpr int64_t kKCS = 128;  // forward: K steps (of 32) per decoded chunk: 64 x 4096 bf16 (512 KB)
-constexpr int64_t kSub = 16;   // forward: K steps per micro-kernel call (A of a row pair: 32 KB, L1)
+constexpr int64_t kKCS = 128;  // forward, small M: K steps (of 32) per pass: 32 rows x 4096 bf16 (256 KB)
 constexpr int64_t kKB = 128;   // backward: dx columns per task
 constexpr int64_t kNCS = 32;   // backward: N steps (of 32) per decoded chunk: 1024 x 128 bf16
 constexpr int64_t kTile = 512; // bf16 elements in one 16 x 32 tile
@@ -108,64 +108,86 @@ inline uint16_t w_bf16(const NF4Weight& w, int64_t n, int64_t k) {
   return bf16_rne(kNF4[(i % 2 == 0) ? (byte >> 4) : (byte & 15)] * block_scale(w.scales, i / w.blocksize));
 }
 
-// --- vector helpers
-// 16 fp32 -> 16 bf16 words, round to nearest even, NaN kept quiet (as bf16_rne / f32_to_bf16)
-inline __m256i to_bf16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-inline __m512 from_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+// --- vector helpers: csrc/cpu/simd_avx512.h
+using avx512::apply_dropout;
+using avx512::block_scales;
+using avx512::from_bf16;
+using avx512::tail16;
+using avx512::to_bf16;
 
-// The block's bf16 table, doubled to 32 entries (see the top of the file). The products are finite
-// (|code| <= 1, absmax finite), so rounding needs no NaN case.
+// The block's table: dword c holds code c's value x absmax rounded to bf16 (ties to even) in its
+// HIGH word (the low word is rounding residue, never read). The products are finite (|code| <= 1,
+// absmax finite), so rounding needs no NaN case.
 inline __m512i block_table(float scale) {
   const __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(kNF4), _mm512_set1_ps(scale)));
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i h = _mm512_cvtepi32_epi16(r);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1);
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
 }
+// 16 packed bytes b -> 32 bf16 in natural order. Word index 2c + 1 of the table is code c's bf16, and
+// vpermw reads 5 index bits: per dword, the low word (b >> 3) | 1 = 2 (b >> 4) + 1 (bit 0 of b >> 3
+// is overwritten) gives the even element, the high word 2b + 1 = 2 (b & 15) + 1 (mod 32) the odd one.
 inline __m512i decode32(const uint8_t* src, __m512i table) {
   const __m512i t = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi32(t, 4), _mm512_slli_epi32(t, 16)), table);
+  const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srli_epi32(t, 3), _mm512_slli_epi32(t, 17),
+                                                _mm512_set1_epi32(0x00010001), 0xFE);  // a | b | c
+  return _mm512_permutexvar_epi16(idx, table);
 }
 
-// Dropout keep mask of 16 consecutive columns k0.. of a row (dropout.h's hash, 16 lanes)
-inline __m512i hash32v(__m512i x) {
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
-  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
-  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x6d2b79f5));
-  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+// G groups of 32 codes per NF4 block (blocks aligned with the segment: a compile-time count, so the
+// loop per block is straight-line code); G == 0: the general case, blocks cut where they fall.
+template <int G>
+void decode_segment(const uint8_t* src, const float* scale, int64_t lb, int64_t flat, int64_t real,
+                    uint16_t* dst, int64_t dst_step, const uint8_t* pf_src) {
+  if (G > 0) {
+    for (int64_t s = 0, b = 0; s < real; s += G, ++b) {
+      if (pf_src) _mm_prefetch(reinterpret_cast<const char*>(pf_src + 16 * s), _MM_HINT_T0);
+      const __m512i table = block_table(scale[b]);
+      for (int g = 0; g < (G > 0 ? G : 1); ++g)
+        _mm512_store_si512(dst + (s + g) * dst_step, decode32(src + 16 * (s + g), table));
+    }
+    return;
+  }
+  const int64_t bfirst = flat >> lb;
+  for (int64_t s = 0; s < real;) {
+    const int64_t b = (flat + 32 * s) >> lb;
+    const __m512i table = block_table(scale[b - bfirst]);
+    const int64_t seg_end = std::min(real, (((b + 1) << lb) - flat) / 32);
+    for (; s < seg_end; ++s) {
+      if (pf_src && (s & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf_src + 16 * s), _MM_HINT_T0);
+      _mm512_store_si512(dst + s * dst_step, decode32(src + 16 * s, table));
+    }
+  }
 }
-inline __m512 apply_dropout(const DropoutMask& d, uint32_t row_hash, int64_t k0, __m512 v) {
-  const __m512i k = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(row_hash + static_cast<uint32_t>(k0))),
-                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  const __mmask16 keep = _mm512_cmpge_epu32_mask(_mm512_srli_epi32(hash32v(k), 8),
-                                                 _mm512_set1_epi32(static_cast<int32_t>(d.threshold)));
-  return _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(d.scale));
-}
-inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xffff : static_cast<__mmask16>((1u << n) - 1); }
 
 // W row n, reduction steps [ks0, ks0 + cnt) of 32 columns -> dst + s * dst_step (32 bf16 each,
-// natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize).
+// natural order); zeros past N or K. One table per NF4 block; lb = log2(blocksize). The packed
+// bytes `ahead_rows` rows further down are prefetched as this row's are read: the tasks walk W rows
+// with a stride, which the hardware prefetchers follow poorly (the loads of the packed codes were
+// the hot spot of the small-M profiles).
 void decode_row(const NF4Weight& w, int lb, int64_t n, int64_t ks0, int64_t cnt, uint16_t* dst,
-                int64_t dst_step) {
+                int64_t dst_step, int64_t ahead_rows) {
   int64_t s = 0;
   if (n < w.N && w.K % 32 == 0) {
-    const int64_t real = std::min(cnt, w.K / 32 - ks0);
-    int64_t flat = n * w.K + ks0 * 32;
-    while (s < real) {
-      const int64_t b = flat >> lb;
-      const __m512i table = block_table(block_scale(w.scales, b));
-      const int64_t seg = std::min(real - s, (((b + 1) << lb) - flat) / 32);
-      for (int64_t j = 0; j < seg; ++j, ++s, flat += 32)
-        _mm512_store_si512(dst + s * dst_step, decode32(w.packed + flat / 2, table));
+    const int64_t real = std::max<int64_t>(0, std::min(cnt, w.K / 32 - ks0));
+    if (real > 0) {
+      const int64_t flat = n * w.K + ks0 * 32;
+      const uint8_t* src = w.packed + flat / 2;
+      const uint8_t* pf = n + ahead_rows < w.N ? src + ahead_rows * w.K / 2 : nullptr;
+      // this segment's block scales, vectorised (at most real + 1 blocks: blocksize >= 32)
+      alignas(64) float scale[kKCS + 2];
+      const int64_t bfirst = flat >> lb;
+      block_scales(w.scales, bfirst, ((flat + real * 32 - 1) >> lb) - bfirst + 1, scale);
+      const int64_t bs = w.blocksize;
+      const bool aligned = flat % bs == 0 && (real * 32) % bs == 0;
+      if (aligned && bs == 64)
+        decode_segment<2>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else if (aligned && bs == 128)
+        decode_segment<4>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else if (aligned && bs == 32)
+        decode_segment<1>(src, scale, lb, flat, real, dst, dst_step, pf);
+      else
+        decode_segment<0>(src, scale, lb, flat, real, dst, dst_step, pf);
+      s = real;
     }
   } else if (n < w.N) {  // rows start mid-byte or mid-block: element by element
     for (; s < cnt; ++s)
@@ -298,39 +320,44 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < r; ++j) sBt[j * Np16 + n] = lora->scaling * lora->B[n * r + j];
 
-  const int64_t ntasks = (N + kNB - 1) / kNB;
+  // y^T accumulator of the whole layer [Np][Mp] fp32 (kept scratch; row pairs past N unused)
+  const int64_t pairs = (N + 31) / 32;
+  Scratch<float> acc(kSlotAcc, pairs * 32 * Mp);
+  if (!acc.ok()) return Status::kOutOfMemory;
+  // K chunk per pass: small M keeps whole 4096-column rows (the decode streams them; A is read
+  // back from L2 once per 32 x rows); larger M takes sub_steps (A of a pair stays in L1 while every
+  // x row group of the chunk, a panel of Mp x 32 sub_steps bf16, streams from L2).
+  const int64_t kcs_max = Mp <= 64 ? kKCS : kern.sub_steps;
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    Scratch<uint16_t> wbuf(kSlotPanel, kNB * kKCS * 32);  // [kNB / 16][kcs][kTile]
-    Scratch<float> acc(kSlotAcc, kNB * Mp);            // y^T of the task: [kNB][Mp]
-    const bool ok = wbuf.ok() && acc.ok();
+    // One row pair's decoded W, row-major with one spare 64-byte line per row: row i's step s at
+    // pbuf + i * ldw + 32 s, so the decode writes each row sequentially and an A tile (16 rows,
+    // stride ldw) spreads over L1 sets instead of landing in one (a 2^k-byte stride would).
+    Scratch<uint16_t> pbuf(kSlotPanel, 32 * (kcs_max + 1) * 32);
+    const bool ok = pbuf.ok();
     if (!ok) alloc_failed.store(true);
     if (ok) kern.thread_begin();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < ntasks; ++t) {
-      if (!ok) continue;
-      const int64_t n0 = t * kNB, rows = std::min(kNB, N - n0), pairs = (rows + 31) / 32;
-      for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kKCS) {
-        const int64_t kcs = std::min(kKCS, ksteps - kc0);
-        for (int64_t i = 0; i < pairs * 32; ++i)
-          decode_row(w, lb, n0 + i, kc0, kcs, wbuf.get() + (i / 16) * kcs * kTile + (i % 16) * 32, kTile);
-        // kSub steps of one row pair (2 x 16 KB) stay in L1 while every x row group streams by
-        for (int64_t s0 = 0; s0 < kcs; s0 += kSub) {
-          const int64_t ss = std::min(kSub, kcs - s0), k_at = kc0 + s0;
-          for (int64_t p = 0; p < pairs; ++p)
-            for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
-              const int64_t mt = m0 / 16;
-              const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + k_at) * kTile : nullptr;
-              kern.block(wbuf.get() + (2 * p * kcs + s0) * kTile, wbuf.get() + ((2 * p + 1) * kcs + s0) * kTile,
-                         kTile, 32, xpack.get() + (mt * ksteps + k_at) * kTile, b1, kTile, ss,
-                         acc.get() + p * 32 * Mp + m0, Mp, k_at > 0);
-            }
+    for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kcs_max) {
+      const int64_t kcs = std::min(kcs_max, ksteps - kc0), ldw = (kcs + 1) * 32;
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < pairs; ++p) {
+        if (!ok) continue;
+        for (int64_t i = 0; i < 32; ++i)
+          decode_row(w, lb, p * 32 + i, kc0, kcs, pbuf.get() + i * ldw, 32, 32);
+        for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
+          const int64_t mt = m0 / 16;
+          const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + kc0) * kTile : nullptr;
+          kern.block(pbuf.get(), pbuf.get() + 16 * ldw, 32, ldw, xpack.get() + (mt * ksteps + kc0) * kTile, b1,
+                     kTile, kcs, acc.get() + p * 32 * Mp + m0, Mp, kc0 > 0);
         }
       }
-      forward_epilogue(acc.get(), Mp, M, N, n0, rows, bias, lora ? u : nullptr, sBt.data(), Np16, r, y);
     }
     if (ok) kern.thread_end();
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p)
+      forward_epilogue(acc.get() + p * 32 * Mp, Mp, M, N, p * 32, std::min<int64_t>(32, N - p * 32), bias,
+                       lora ? u : nullptr, sBt.data(), Np16, r, y);
   }
   return alloc_failed ? Status::kOutOfMemory : Status::kOk;
 }
@@ -375,8 +402,8 @@ Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const 
           const int64_t n = nc0 * 32 + 2 * p;
           uint16_t* ra = rows2.get();
           uint16_t* rb = rows2.get() + kKB;
-          decode_row(w, lb, n, k0 / 32, groups, ra, 32);
-          decode_row(w, lb, n + 1, k0 / 32, groups, rb, 32);
+          decode_row(w, lb, n, k0 / 32, groups, ra, 32, 16);
+          decode_row(w, lb, n + 1, k0 / 32, groups, rb, 32, 16);
           uint16_t* dst = wv.get() + (p / 16) * kTile + (p % 16) * 32;
           for (int64_t gi = 0; gi < groups; ++gi) {
             const __m512i va = _mm512_load_si512(ra + gi * 32), vb = _mm512_load_si512(rb + gi * 32);
