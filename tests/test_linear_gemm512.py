@@ -77,7 +77,7 @@ def truth_dx(dy, W, g, A, s, p, seed):
 # past it, 32-column panels and their 16-wide halves (M = 17, 33: Mp = 32, 48), 511 (forward:
 # 16 x 32 panels; dx: two row blocks), 600 (forward: two column blocks); N at 14-row tile and
 # 256-row chunk edges; K not a multiple of 32 (rows start at odd nibbles / unaligned groups), K
-# past the 256-wide reduction chunk with the LoRA columns straddling it, blocks straddling rows.
+# past the 128-wide reduction chunk with the LoRA columns straddling it, blocks straddling rows.
 F32 = torch.float32
 CASES = [
     (17, 32, 48, 64, True, 0, False, 0.0, F32),
@@ -90,6 +90,8 @@ CASES = [
     (511, 33, 256, 128, False, 16, True, 0.0, F32),
     (600, 15, 64, 64, True, 1, True, 0.0, F32),
     (3, 29, 100, 64, True, 8, True, 0.2, F32),  # M <= 16 with K % 32 != 0: forward takes the GEMM too
+    (1, 1, 33, 64, False, 1, True, 0.0, F32),   # one row, one output, one partial last group
+    (33, 40, 64, 64, True, 130, True, 0.2, F32),  # LoRA columns past a whole reduction chunk
     (33, 100, 130, 64, True, 8, True, 0.3, torch.float16),
     (17, 130, 272, 64, False, 0, True, 0.0, torch.float16),
     (64, 96, 1000, 128, False, 16, False, 0.0, torch.bfloat16),
