@@ -75,7 +75,7 @@ def truth_dx(dy, W, g, A, s, p, seed):
 
 # (M, N, K, blocksize, double_quant, r, bias, dropout_p, dtype). M: one tile row short of 14 and
 # past it, 32-column panels and their 16-wide halves (M = 17, 33: Mp = 32, 48), 511 (forward:
-# 16 x 32 panels; dx: two row blocks), 600 (forward: two column blocks); N at 14-row tile and
+# 16 x 32 panels), 600 (two task blocks of rows in both directions); N at 14-row tile and
 # 256-row chunk edges; K not a multiple of 32 (rows start at odd nibbles / unaligned groups), K
 # past the 128-wide reduction chunk with the LoRA columns straddling it, blocks straddling rows.
 F32 = torch.float32

@@ -24,9 +24,10 @@
 // Backward dx (dx = dy W):
 //  - dy packed once per call into 14-row micro-panels [M/14][N][14] (contiguous broadcasts; dy rows
 //    in place would put 14 streams 4*N bytes apart, i.e. into one L1 set when N*4 % 4096 == 0);
-//  - tasks = (up to kKB = 256 dx columns) x (up to kMBdx = 504 dy rows); per chunk of kNC = 128 W
+//  - tasks = (up to kKB = 256 dx columns) x (up to kMBdx = 560 dy rows); per chunk of kNC = 128 W
 //    rows, the task's columns of those rows are decoded (natural order) into panel-major
-//    [cols/32][nc][32] (128 KB, L2); each dy micro-panel (14 x nc, L1) runs against every W panel.
+//    [cols/32][nc][32] (128 KB, L2; the next chunk's NF4 bytes prefetched meanwhile); each dy
+//    micro-panel (14 x nc, L1) runs against every W panel.
 //
 // NF4 decode, 32 codes per 16-byte load: vpmovzxbd widens the bytes to dwords; vpermps against a
 // zmm of the 16 exact fp32 code values reads index bits [3:0], so the byte looks up its low nibble
@@ -62,7 +63,7 @@ constexpr int64_t kNB = 18 * kMR; // forward: max W rows per task (252)
 constexpr int64_t kMB = 512;      // forward: max y^T columns (activation rows) per task
 constexpr int64_t kNC = 128;      // dx: reduction (W rows) per chunk
 constexpr int64_t kKB = 256;      // dx: max dx columns per task (decoded W block 128 x 256: 128 KB)
-constexpr int64_t kMBdx = 36 * kMR;  // dx: max dy rows per task (504)
+constexpr int64_t kMBdx = 40 * kMR;  // dx: max dy rows per task (560: M = 512 decodes W once)
 constexpr size_t kKeepBytes = size_t{64} << 20;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -419,9 +420,16 @@ void gemm_backward_dx(const NF4Weight& w, const float* dy, int64_t M, float* dxa
               _mm512_storeu_ps(d + 16, _mm512_loadu_ps(row + cp * kNR + 16));
             }
           }
+          // the next chunk's NF4 rows (2 KB+ apart: no hardware stream) are prefetched a few rows
+          // per dy micro-panel, so they arrive while this chunk computes
+          const int64_t nnext = std::min(kNC, std::max<int64_t>(0, N - (n0 + kNC)));
+          const int64_t steps = cdiv(mhi - mlo, kMR);
           for (int64_t m0 = mlo; m0 < mhi; m0 += kMR) {
             const int64_t mr = std::min<int64_t>(kMR, mhi - m0);
             const float* a = dyp + ((m0 / kMR) * N + n0) * kMR;
+            const int64_t st = (m0 - mlo) / kMR;
+            for (int64_t i = st * nnext / steps; i < (st + 1) * nnext / steps; ++i)
+              dec.prefetch((n0 + kNC + i) * K + klo, khi - klo);
             for (int64_t cp = 0; cp < npanel; ++cp) {
               const int64_t c = klo + cp * kNR;
               run_tile(mr, cend - c, a, wbuf + cp * nc * kNR, nc,
