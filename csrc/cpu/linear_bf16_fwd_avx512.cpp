@@ -1,11 +1,10 @@
 // Forward driver of the bf16 tile path (csrc/cpu/linear_bf16.h): y = x W^T + bias + s u B^T.
 // AVX-512 F/BW code, run only when use_avx512() and the micro-kernel's own check hold.
 //
-// y^T = W x^T in passes over K chunks; in each, tasks of 32 W rows (a tile pair) decode their chunk
-// once into a row-major A panel and run it against every 32-row group of x, whose VNNI tiles were
-// packed once per call (pack_x, in the same pass as the LoRA shrink u = D(x) A^T). The chunk is
-// the kernel's sub_steps for larger M (A in L1, the x chunk panel in L2) and 4096 columns for
-// M <= 64. The fp32 y^T accumulator [Np][Mp] is transposed out with the bias and the LoRA expand.
+// y^T = W x^T: tasks of W rows (fwd_shape) decode each K chunk once into a row-major A panel and
+// run it against every 32-row group of x, whose VNNI tiles were packed once per call (pack_x, in
+// the same pass as the LoRA shrink u = D(x) A^T); the task's fp32 y^T accumulator is transposed out
+// with the bias and the LoRA expand.
 #include <omp.h>
 
 #include <atomic>
@@ -17,6 +16,18 @@ namespace nf4lora {
 namespace bf16lin {
 
 namespace {
+
+// Task shape: W rows per task and K steps (of 32) per decoded chunk. Small M is bound by the
+// decode: one tile pair per task over 4096-column row segments (long prefetch streams; A read back
+// from L2 once per x row group). Larger M is bound by tile loads: 128-row tasks over 1024-column
+// chunks keep the task's y^T accumulator (128 x Mp fp32) and the chunk's operands in L2, each x
+// tile meeting 4 row pairs, C held in tiles over a whole chunk (the mirror of the dx driver).
+struct FwdShape {
+  int64_t rows, kcs;
+};
+inline FwdShape fwd_shape(int64_t Mp, const TileKernel& kern) {
+  return Mp <= 64 ? FwdShape{32, kKCS} : FwdShape{128, 2 * kern.sub_steps};
+}
 
 void lora_shrink_row(const uint16_t* xr, int64_t m, int64_t K, const LoraArgs& lora, float* row, float* um) {
   const bool drop = lora.drop.active();
@@ -96,44 +107,42 @@ Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4We
   for (int64_t n = 0; n < N; ++n)
     for (int64_t j = 0; j < r; ++j) sBt[j * Np16 + n] = lora->scaling * lora->B[n * r + j];
 
-  // y^T accumulator of the whole layer [Np][Mp] fp32 (kept scratch; row pairs past N unused)
-  const int64_t pairs = (N + 31) / 32;
-  Scratch<float> acc(kSlotAcc, pairs * 32 * Mp);
-  if (!acc.ok()) return Status::kOutOfMemory;
-  // K chunk per pass: small M keeps whole 4096-column rows (the decode streams them; A is read
-  // back from L2 once per 32 x rows); larger M takes sub_steps (A of a pair stays in L1 while every
-  // x row group of the chunk, a panel of Mp x 32 sub_steps bf16, streams from L2).
-  const int64_t kcs_max = Mp <= 64 ? kKCS : kern.sub_steps;
+  // Task shape (fwd_shape): W rows per task and K steps (of 32) per decoded chunk.
+  const FwdShape shape = fwd_shape(Mp, kern);
+  const int64_t tr = shape.rows, pairs_per_task = tr / 32, ntasks = (N + tr - 1) / tr;
   std::atomic<bool> alloc_failed{false};
 #pragma omp parallel
   {
-    // One row pair's decoded W, row-major with one spare 64-byte line per row: row i's step s at
+    // The task's decoded W rows, row-major with one spare 64-byte line per row: row i's step s at
     // pbuf + i * ldw + 32 s, so the decode writes each row sequentially and an A tile (16 rows,
     // stride ldw) spreads over L1 sets instead of landing in one (a 2^k-byte stride would).
-    Scratch<uint16_t> pbuf(kSlotPanel, 32 * (kcs_max + 1) * 32);
-    const bool ok = pbuf.ok();
+    Scratch<uint16_t> pbuf(kSlotPanel, tr * (shape.kcs + 1) * 32);
+    Scratch<float> acc(kSlotAcc, tr * Mp);  // the task's y^T [tr][Mp], fp32
+    const bool ok = pbuf.ok() && acc.ok();
     if (!ok) alloc_failed.store(true);
     if (ok) kern.thread_begin();
-    for (int64_t kc0 = 0; kc0 < ksteps; kc0 += kcs_max) {
-      const int64_t kcs = std::min(kcs_max, ksteps - kc0), ldw = (kcs + 1) * 32;
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < pairs; ++p) {
-        if (!ok) continue;
-        for (int64_t i = 0; i < 32; ++i)
-          decode_row(w, lb, p * 32 + i, kc0, kcs, pbuf.get() + i * ldw, 32, 32);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; ++t) {
+      if (!ok) continue;
+      const int64_t n0 = t * tr, rows = std::min(tr, N - n0);
+      const int64_t pairs = std::min(pairs_per_task, (rows + 31) / 32);
+      for (int64_t kc0 = 0; kc0 < ksteps; kc0 += shape.kcs) {
+        const int64_t kcs = std::min(shape.kcs, ksteps - kc0), ldw = (kcs + 1) * 32;
+        for (int64_t i = 0; i < pairs * 32; ++i)
+          decode_row(w, lb, n0 + i, kc0, kcs, pbuf.get() + i * ldw, 32, tr);
+        // each x row group's chunk tiles meet every row pair of the task while in L1/L2
         for (int64_t m0 = 0; m0 < Mp; m0 += 32) {
           const int64_t mt = m0 / 16;
+          const uint16_t* b0 = xpack.get() + (mt * ksteps + kc0) * kTile;
           const uint16_t* b1 = m0 + 16 < Mp ? xpack.get() + ((mt + 1) * ksteps + kc0) * kTile : nullptr;
-          kern.block(pbuf.get(), pbuf.get() + 16 * ldw, 32, ldw, xpack.get() + (mt * ksteps + kc0) * kTile, b1,
-                     kTile, kcs, acc.get() + p * 32 * Mp + m0, Mp, kc0 > 0);
+          for (int64_t p = 0; p < pairs; ++p)
+            kern.block(pbuf.get() + 32 * p * ldw, pbuf.get() + (32 * p + 16) * ldw, 32, ldw, b0, b1, kTile, kcs,
+                       acc.get() + p * 32 * Mp + m0, Mp, kc0 > 0);
         }
       }
+      forward_epilogue(acc.get(), Mp, M, N, n0, rows, bias, lora ? u : nullptr, sBt.data(), Np16, r, y);
     }
     if (ok) kern.thread_end();
-#pragma omp for schedule(static)
-    for (int64_t p = 0; p < pairs; ++p)
-      forward_epilogue(acc.get() + p * 32 * Mp, Mp, M, N, p * 32, std::min<int64_t>(32, N - p * 32), bias,
-                       lora ? u : nullptr, sBt.data(), Np16, r, y);
   }
   return alloc_failed ? Status::kOutOfMemory : Status::kOk;
 }
