@@ -6,6 +6,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -44,6 +46,24 @@ void permute_even_odd(const float* x, int64_t n, int group, float* xp) {
       xp[i + j] = x[i + 2 * j];
       xp[i + half + j] = x[i + 2 * j + 1];
     }
+}
+
+// An uninitialised float buffer for this call, kept per calling thread between calls up to 64 MB
+// (a fresh zero-filled std::vector costs a page fault and a zeroing per 4 KB on every call);
+// larger requests live in `own` for the call. Callers overwrite every element they read.
+float* kept_floats(int slot, size_t n, std::unique_ptr<float[]>& own) {
+  constexpr size_t kKeep = (size_t{64} << 20) / sizeof(float);
+  thread_local std::unique_ptr<float[]> buf[2];
+  thread_local size_t cap[2] = {0, 0};
+  if (n <= cap[slot]) return buf[slot].get();
+  float* p = new (std::nothrow) float[n];
+  if (n <= kKeep) {
+    buf[slot].reset(p);
+    cap[slot] = p ? n : 0;
+  } else {
+    own.reset(p);
+  }
+  return p;
 }
 
 // u [M, r] = D(x) A^T
@@ -130,17 +150,19 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
 
   // GEMM: y^T accumulates in fp32 [N, Mp]; LoRA rides as r extra K columns.
   const int64_t Mp = (M + 15) / 16 * 16, Np = (N + 5) / 6 * 6;  // micro-tiles are 6 W rows
-  std::vector<float> yT(static_cast<size_t>(Np * Mp));
+  // (every element transpose_out stores comes from the GEMM's first K chunk, written unaccumulated)
+  std::unique_ptr<float[]> own;
+  float* yT = kept_floats(0, static_cast<size_t>(Np * Mp), own);
+  if (yT == nullptr) return Status::kOutOfMemory;
   (use_avx512() ? avx512lin::gemm_forward : avx2lin::gemm_forward)(  // "gemm512" / "gemm"
-      w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r, lora ? lora->scaling : 0.0f,
-      yT.data());
+      w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r, lora ? lora->scaling : 0.0f, yT);
   // Transpose out in 8 x 8 register tiles (yT rows are Mp >= m0 + 8 long); the last N % 8
   // columns element by element.
   const int64_t N8 = N / 8 * 8;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t m0 = 0; m0 < Mp; m0 += 8)
     for (int64_t n0 = 0; n0 < N8; n0 += 8)
-      if (m0 < M) avx2lin::transpose_out(yT.data(), Mp, M, N, m0, n0, bias, y, dtype);
+      if (m0 < M) avx2lin::transpose_out(yT, Mp, M, N, m0, n0, bias, y, dtype);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = N8; n < N; ++n)
       store_from_f32(y, dtype, m * N + n, yT[n * Mp + m] + (bias ? bias[n] : 0.0f));
@@ -158,17 +180,19 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = (K + 15) / 16 * 16;
   // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.
-  std::vector<float> dyf, accbuf;
+  // (the GEMM writes every column < K of the accumulator before the epilogue reads it)
+  std::unique_ptr<float[]> own_dy, own_acc;
   const float* dyp = static_cast<const float*>(dy);
   if (dtype != DType::kF32) {
-    dyf.resize(static_cast<size_t>(M * N));
+    float* dyf = kept_floats(0, static_cast<size_t>(M * N), own_dy);
+    if (dyf == nullptr) return Status::kOutOfMemory;
 #pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf.data() + m * N);
-    dyp = dyf.data();
+    for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf + m * N);
+    dyp = dyf;
   }
   const bool in_place = dtype == DType::kF32 && Kp == K;
-  if (!in_place) accbuf.resize(static_cast<size_t>(M * Kp));
-  float* acc = in_place ? static_cast<float*>(dx) : accbuf.data();
+  float* acc = in_place ? static_cast<float*>(dx) : kept_floats(1, static_cast<size_t>(M * Kp), own_acc);
+  if (acc == nullptr) return Status::kOutOfMemory;
   (use_avx512() ? avx512lin::gemm_backward_dx : avx2lin::gemm_backward_dx)(w, dyp, M, acc, Kp);
   // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.
 #pragma omp parallel
