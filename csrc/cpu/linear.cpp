@@ -83,6 +83,10 @@ void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lo
 }  // namespace
 
 namespace {
+// Largest M the GEMV takes: on AVX-512 the AVX-512 GEMV up to kGemv512MaxRows and the AVX-512 GEMM
+// above it (faster than the AVX2 GEMV there, measured); on AVX2 the AVX2 GEMV up to kGemvMaxRows.
+int64_t gemv_max_rows() { return use_avx512() ? kGemv512MaxRows : kGemvMaxRows; }
+
 // The bf16 tile kernel for bf16 activations on this CPU (nullptr: none; the fp32 paths run).
 const bf16lin::TileKernel* bf16_kernel(DType dtype) {
   if (dtype != DType::kBF16) return nullptr;
@@ -95,8 +99,8 @@ const bf16lin::TileKernel* bf16_kernel(DType dtype) {
 const char* forward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows) return t->name;
-  if (M > kGemvMaxRows || K % 32 != 0) return use_avx512() ? "gemm512" : "gemm";
-  return (M <= kGemv512MaxRows && use_avx512()) ? "gemv512" : "gemv";
+  if (K % 32 == 0 && M <= gemv_max_rows()) return use_avx512() ? "gemv512" : "gemv";
+  return use_avx512() ? "gemm512" : "gemm";
 }
 
 const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
@@ -117,9 +121,9 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   const int64_t r = lora ? lora->r : 0;
   if (lora) lora_u(x, dtype, M, K, *lora, u);
 
-  if (M <= kGemvMaxRows && K % 32 == 0) {
+  if (M <= gemv_max_rows() && K % 32 == 0) {
     // GEMV: x (fp32, lane-permuted for the decode that runs) stays in L1/L2 while W streams once.
-    const bool wide = M <= kGemv512MaxRows && use_avx512();  // the "gemv512" path
+    const bool wide = use_avx512();  // the "gemv512" path
     std::vector<float> xf(static_cast<size_t>(M * K)), xp(xf.size()), acc(static_cast<size_t>(M * N));
     for (int64_t m = 0; m < M; ++m) load_row(x, dtype, m, K, nullptr, xf.data() + m * K);
     permute_even_odd(xf.data(), M * K, wide ? 32 : 8, xp.data());

@@ -1,6 +1,7 @@
 // CPU fused QLoRA linear: the launchers the bindings call, with the same ABI and results (to fp32
 // rounding) as csrc/ref/linear_ref.h. Dispatch (csrc/cpu/linear.cpp) picks, by shape:
-//   GEMV path  (M <= kGemvMaxRows, K % 32 == 0): stream each packed W row once, decode 32 codes per
+//   GEMV path  (K % 32 == 0; M <= kGemvMaxRows with AVX2, M <= kGemv512MaxRows with AVX-512, where
+//              larger M goes to the AVX-512 GEMM): stream each packed W row once, decode 32 codes per
 //              16-byte load in registers, FMA against up to 4 activation rows at a time.
 //              M <= kGemv512MaxRows on an AVX-512 CPU: the same in linear_avx512.cpp ("gemv512").
 //   GEMM path  (otherwise): decode a W panel into an L1/L2-resident fp32 buffer, then a 6x16
@@ -16,8 +17,8 @@
 
 namespace nf4lora {
 
-constexpr int64_t kGemvMaxRows = 16;    // retune from bench/bench_linear.py
-constexpr int64_t kGemv512MaxRows = 4;  // AVX-512 GEMV rows (bench/bench_gemv.py)
+constexpr int64_t kGemvMaxRows = 16;    // AVX2 GEMV rows (retune from bench/bench_linear.py)
+constexpr int64_t kGemv512MaxRows = 8;  // AVX-512 GEMV rows; above them the AVX-512 GEMM is faster
 // bf16 activations from this many rows take the bf16 tile path (AMX / AVX512-BF16) where the CPU
 // has one; fewer rows take the exact fp32 GEMV (bench/bench_linear.py)
 constexpr int64_t kBf16TileMinRows = 3;  // M = 2: the GEMV streams faster
