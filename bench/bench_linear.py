@@ -3,6 +3,8 @@ weight) and vs bitsandbytes' matmul_4bit + PEFT-style separate LoRA matmuls, sid
 
   python bench/bench_linear.py            full table (several minutes)
   python bench/bench_linear.py --quick    one shape, small M
+  python bench/bench_linear.py --targets  the issue-10 targets, each against its baseline in turn
+                                          within every repeat (nf4lora.benchmarks.targets)
 
 The measuring code lives in nf4lora.benchmarks.linear (shared with `nf4lora bench`).
 GEMV numbers come from DRAM: weights rotate over more than 256 MB. Each row reports the machine's
@@ -21,8 +23,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-bnb", action="store_true")
+    ap.add_argument("--targets", action="store_true", help="only the issue-10 target rows")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args()
+    if args.targets:
+        return run_targets(args)
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008), (11008, 4096)]
     ms = [1, 16, 256] if args.quick else [1, 16, 256, 2048]
     budget = 3.0 if args.quick else 20.0
@@ -72,6 +77,30 @@ def main():
             series[f"dense fp32 {row[0]}"][1].append(2 * row[1] * int(row[0].split('x')[0]) * int(row[0].split('x')[1]) / row[8] / 1e6)
     common.save_line_plot(os.path.join(args.out, "linear.png"), series, "M (tokens)", "GFLOP/s",
                           "CPU forward, fp32 activations")
+
+
+def run_targets(args):
+    import json
+
+    import nf4lora as nl
+    from nf4lora.benchmarks.targets import measure_targets
+    info = nl.info()
+    print(common.machine_info())
+    print("CPU features:", ", ".join(k for k, v in info["cpu"]["features"].items() if v),
+          f"| AMX: {info['cpu']['amx']} | threads {info['threads']}")
+    rows = measure_targets(quick=args.quick)
+    headers = ["target", "KxN", "M", "act", "path", "ours ms", "baseline", "baseline ms", "ratio",
+               "goal", "met"]
+    table = [[r["target"], r["shape"], r["M"], r["dtype"], r["path"], common.fmt(r["ours_ms"]), r["baseline"],
+              common.fmt(r["baseline_ms"]), f"{r['ratio']:.2f}", f"{r['goal']:.2f}", "yes" if r["met"] else "no"]
+             for r in rows]
+    md = common.print_table(table, headers, f"Issue-10 targets (medians, taken in turn; DRAM read "
+                                            f"{rows[0]['dram_gbs']:.1f} GB/s measured in this run)")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "linear_targets.md"), "w") as f:
+        f.write(f"{common.machine_info()}\n\n{md}\n")
+    with open(os.path.join(args.out, "linear_targets.json"), "w") as f:
+        json.dump({"info": info, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
