@@ -47,3 +47,9 @@ def minilm_weights(minilm_state_dict):
     weights: 384x384 ... 30522x384)."""
     return {k: v for k, v in minilm_state_dict.items()
             if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point()}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="run thousands of fuzz cases and hundreds of kill-mid-save cases "
+                          "(default: hundreds / tens, what the README test command runs)")

@@ -6,7 +6,7 @@
 #                                optimizer, bad input, fuzzing): what CI runs
 #   tools/sanitize.sh -k gemv    extra arguments go to pytest
 # Python itself is not instrumented, so libasan is preloaded (it must come first in the library
-# list) and leak detection is off (CPython and torch keep allocations to exit on purpose). Reports
+# list, with libstdc++ right after it) and leak detection is off (CPython and torch keep allocations to exit on purpose). Reports
 # go to one file per process under $logs (forked fuzz workers and subprocesses included), and the
 # script fails if any file appears. UBSan reports are recoverable so a run lists every one; an ASan
 # report stops its process.
@@ -15,8 +15,12 @@ cd "$(dirname "$0")/.."
 site="${NF4LORA_SAN_SITE:-build/sanitize-site}"
 logs="${NF4LORA_SAN_LOGS:-build/sanitize-logs}"
 sanitizers="${NF4LORA_SANITIZE:-address,undefined}"
-tests=(tests/test_quantize.py tests/test_linear.py tests/test_optim.py tests/test_bad_input.py
-       tests/test_fuzz.py tests/test_threads.py)
+mkdir -p "$site" "$logs"
+site="$(cd "$site" && pwd)" logs="$(cd "$logs" && pwd)"
+default_tests="tests/test_quantize.py tests/test_linear.py tests/test_optim.py tests/test_bad_input.py
+  tests/test_fuzz.py tests/test_threads.py tests/test_cuda_host.py"
+# shellcheck disable=SC2206  (word splitting wanted: a list of test files)
+tests=(${NF4LORA_SAN_TESTS:-$default_tests})
 
 start=$(date +%s)
 isolation=--no-build-isolation
@@ -25,12 +29,14 @@ NF4LORA_CUDA=OFF python -m pip install $isolation --no-deps --upgrade -q --targe
   -Cbuild-dir=build/sanitize -Ccmake.define.NF4LORA_SANITIZE="$sanitizers" .
 built=$(date +%s)
 
-libasan="$(${CXX:-g++} -print-file-name=libasan.so)"
+# libstdc++ is preloaded with libasan: ASan resolves the real __cxa_throw when it starts, and
+# python does not link libstdc++ (without it the first C++ exception aborts in ASan's interceptor).
+libasan="$(${CXX:-g++} -print-file-name=libasan.so):$(${CXX:-g++} -print-file-name=libstdc++.so)"
 rm -rf "$logs" && mkdir -p "$logs"
 export LD_PRELOAD="$libasan${LD_PRELOAD:+:$LD_PRELOAD}"
-export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:log_path=$PWD/$logs/asan:${ASAN_OPTIONS:-}"
-export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=0:log_path=$PWD/$logs/ubsan:${UBSAN_OPTIONS:-}"
-export PYTHONPATH="$PWD/$site${PYTHONPATH:+:$PYTHONPATH}"
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1:log_path=$logs/asan:${ASAN_OPTIONS:-}"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=0:log_path=$logs/ubsan:${UBSAN_OPTIONS:-}"
+export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 # The instrumented module is the one imported, and it is instrumented.
 python - <<'PY'
 import os, nf4lora._C as C

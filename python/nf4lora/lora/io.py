@@ -17,6 +17,7 @@ import os
 
 import torch
 
+from .._files import atomic_path, atomic_write_text
 from .adalora import apply_adalora
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .targets import find_targets, pattern_value
@@ -85,12 +86,16 @@ def _config_header(model, peft_type):
 
 
 def _write(save_directory, config, tensors):
+    """Each file is written crash-safe (a temporary file, then one rename: a kill leaves the old
+    file or the new one). Weights go first, the config last: a run that saves the same adapter
+    every N steps always leaves a loadable pair (same config, old or new weights)."""
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
-    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with atomic_path(os.path.join(save_directory, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    atomic_write_text(os.path.join(save_directory, CONFIG_NAME),
+                      json.dumps(config, indent=2, sort_keys=True))
 
 
 ADALORA_PARTS = ("lora_A", "lora_B", "lora_E")
