@@ -18,7 +18,9 @@ from nf4lora.backends import optim_default
 from nf4lora.nf4_format import DYNAMIC_SIGNED
 from numerics import rel_err
 
-SIZES = [0, 1, 2, 3, 7, 31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 300]
+# (hypothesis favours the first element of a list and 0 of an integer range: valid values first,
+#  and a rare branch is taken on a middle value)
+SIZES = [64, 1, 2, 3, 7, 31, 32, 33, 63, 0, 65, 100, 127, 128, 129, 255, 256, 257, 300]
 BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
 BAD_BLOCKSIZES = [0, 1, 16, 48, 100, 8192, -64, 64.0, "64", True, None]
 ACT = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -88,15 +90,16 @@ def _check_quantize(w, blocksize, double_quant):
 def test_fuzz_quantize_dequantize(request):
     @st.composite
     def cases(draw):
-        dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16] * 5
-                                     + [torch.float64, torch.int32, torch.uint8]))
+        invalid_dtype = draw(st.integers(0, 9)) == 5
+        dtype = draw(st.sampled_from([torch.float64, torch.int32, torch.uint8] if invalid_dtype else
+                                     [torch.float32, torch.float16, torch.bfloat16]))
         shape = draw(shapes())
-        views = draw(st.integers(0, 4)) == 0  # the public quantize_nf4 takes contiguous tensors
+        views = draw(st.integers(0, 4)) == 3  # the public quantize_nf4 takes contiguous tensors
         w = draw(tensors(shape, dtype if dtype.is_floating_point else torch.float32, allow_views=views,
                          scale=draw(st.sampled_from([1.0, 1.0, 1e-3, 1e4, 1e-30, 1e30]))))
         if not dtype.is_floating_point:
             w = w.to(dtype)
-        bad_bs = draw(st.integers(0, 9)) == 0
+        bad_bs = draw(st.integers(0, 9)) == 5
         bs = draw(st.sampled_from(BAD_BLOCKSIZES if bad_bs else BLOCKSIZES))
         poison = draw(st.sampled_from([None] * 15 + [float("nan"), float("inf"), -float("inf")]))
         if poison is not None and w.numel() and dtype.is_floating_point:
@@ -162,7 +165,7 @@ def _check_linear(x, q, bias, A, B, s, p, seed, backward):
         if g_ref.abs().max() == 0:
             assert bool((t.grad == 0).all()), f"grad of {name} should be zero"
             continue
-        gtol = tol if name == "x" else max(tol, 1e-4)
+        gtol = tol if name == "x" else max(tol, TOL[t.dtype], 1e-4)  # grads come back in t's dtype
         err = rel_err(t.grad, g_ref)
         assert err <= gtol, f"grad of {name}: rel err {err} > {gtol}"
 
@@ -179,7 +182,7 @@ def test_fuzz_linear(request):
         dtype = draw(st.sampled_from(ACT))
         lead = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 17, 40]), min_size=1, max_size=2))
         kx = K
-        mismatch = draw(st.integers(0, 14)) == 0
+        mismatch = draw(st.integers(0, 14)) == 7
         if mismatch:
             kx = K + draw(st.sampled_from([-1, 1, 7])) if K > 1 else 2
         x = draw(tensors([*lead, kx], dtype, scale=1.0))
