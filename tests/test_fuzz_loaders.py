@@ -40,7 +40,7 @@ JSON_BAD = {
     "nested_blocksize": [128, "256", None, 0],
     "nested_dtype": ["float16", 32, None],
 }
-JSON_WHOLE = [b"[]", b"null", b"{", b"\xff\xfe", b"", b'"nf4"', b'{"quant_type": "nf4"}', b"1e999"]
+JSON_WHOLE = [b"[]", b"null", b"{", b"\xff\xfe", b"", b'"nf4"', b'{"quant_type": "nf4"}', b"1e999", b"[" * 100_000]
 
 
 def _bnb_base(draw):
@@ -164,7 +164,8 @@ CONFIG_BAD = {
     "init_lora_weights": ["x", 5],
     "modules_to_save": [["lm_head"], "lm_head"],
 }
-CONFIG_WHOLE = [b"[]", b"null", b"{", b"\xff\xfe", b"", b'"LORA"', b'{"peft_type": "LORA"}', b"1e999"]
+CONFIG_WHOLE = [b"[]", b"null", b"{", b"\xff\xfe", b"", b'"LORA"', b'{"peft_type": "LORA"}', b"1e999",
+                b"[" * 100_000]
 
 
 @pytest.fixture(scope="module")

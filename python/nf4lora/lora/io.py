@@ -157,11 +157,11 @@ def _read_config(path):
     cpath = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cpath):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    with open(cpath) as f:
+    with open(cpath, "rb") as f:
         try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cpath} is not valid JSON: {e}") from None
+            cfg = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{cpath} is not valid UTF-8 JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cpath} must hold a JSON object")
     if cfg.get("peft_type") not in ("LORA", "VERA", "ADALORA"):
