@@ -190,19 +190,19 @@ def no_thread_handoff():
 
 @mutant
 def merge_wrong():
-    """merge_and_unload adds 1e-3 to one merged weight."""
+    """merge_and_unload adds 1e-3 to one element of one merged weight."""
     import nf4lora
     import nf4lora.lora as lora
     import torch
     real = lora.merge_and_unload
 
     def merged(model, *a, **k):
+        from nf4lora.nn import QLoRALinear
+        adapted = [n for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
         out = real(model, *a, **k)
-        for m in out.modules():
-            if isinstance(m, torch.nn.Linear):
-                with torch.no_grad():
-                    m.weight.view(-1)[0] += 1e-3
-                break
+        if adapted:  # one merged layer (W + s B A) gets a wrong element
+            with torch.no_grad():
+                out.get_submodule(adapted[0]).weight.view(-1)[0] += 1e-3
         return out
     nf4lora.merge_and_unload = lora.merge_and_unload = merged
 
