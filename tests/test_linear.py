@@ -93,22 +93,27 @@ def test_half_precision_within_twice_torch_error(dtype, M):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fast_kernels_match_ref(M, N, K, dtype, p):
-    """AVX2 GEMV/GEMM vs the scalar csrc/ref twin on fresh inputs, outputs checked elementwise."""
+    """The dispatched kernels (GEMV/GEMM, bf16 tiles) vs their scalar csrc/ref twin on fresh inputs,
+    outputs checked elementwise (tests/test_linear_paths.py forces each tier)."""
     r = 4
     q = make(N, K, blocksize=32, seed=K)
     g = torch.Generator().manual_seed(M * 7 + K)
     x = torch.randn(M, K, generator=g).to(dtype)
     A, B, bias = torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), torch.randn(N, generator=g)
     seed = torch.tensor(99)
+    code = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
+    tile = ("amx", "avx512_bf16")  # bf16 tile paths: W rounded to bf16, their own reference
     y, u = cpu_linear.qlora_forward(x, *state(q), N, A, B, 0.7, bias, p, seed)
-    yr, ur = cpu_linear.qlora_forward(x, *state(q), N, A, B, 0.7, bias, p, seed, impl="ref")
+    yr, ur = cpu_linear.qlora_forward(x, *state(q), N, A, B, 0.7, bias, p, seed,
+                                      impl="ref_bf16w" if _C.forward_path(M, N, K, code) in tile else "ref")
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(u, ur, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(y.float(), yr.float(), rtol=tol, atol=tol * 10)
     dy = torch.randn(M, N, generator=g).to(dtype)
     gg = dy.float() @ B
     dx = cpu_linear.qlora_backward_dx(dy, *state(q), K, gg, A, 0.7, p, seed)
-    dxr = cpu_linear.qlora_backward_dx(dy, *state(q), K, gg, A, 0.7, p, seed, impl="ref")
+    dxr = cpu_linear.qlora_backward_dx(dy, *state(q), K, gg, A, 0.7, p, seed,
+                                       impl="ref_bf16w" if _C.backward_path(M, N, K, code) in tile else "ref")
     torch.testing.assert_close(dx.float(), dxr.float(), rtol=tol, atol=tol * 10)
     dA = cpu_linear.lora_grad_a(gg, x, 0.7, p, seed)
     dAr = cpu_linear.lora_grad_a(gg, x, 0.7, p, seed, impl="ref")
@@ -128,20 +133,8 @@ def test_scalar_fallback_matches_avx2():
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_paths_dispatch():
-    small = "gemv512" if _C.uses_avx512() else "gemv"  # M <= 4 takes the AVX-512 GEMV where it can
-    assert _C.forward_path(1, 4096, 4096) == small
-    assert _C.forward_path(4, 4096, 4096) == small
-    assert _C.forward_path(5, 4096, 4096) == "gemv"
-    assert _C.forward_path(16, 4096, 4096) == "gemv"
-    assert _C.forward_path(17, 4096, 4096) == "gemm"
-    assert _C.forward_path(4, 64, 70) == "gemm"  # K % 32 != 0 takes the general panel path
-    _C.set_force_avx2(True)
-    try:
-        assert not _C.uses_avx512()
-        assert _C.forward_path(1, 4096, 4096) == "gemv"
-    finally:
-        _C.set_force_avx2(False)
+# The dispatcher's decisions (which path for which CPU tier, dtype and M) are tested as a table
+# in tests/test_linear_paths.py::test_dispatch_table.
 
 
 GEMV512_SHAPES = [  # (M, N, K, blocksize): M <= 4, K % 32 == 0; blocks that straddle rows (K = 96,
@@ -158,18 +151,17 @@ def test_gemv_avx512_and_avx2_match_ref(avx512, M, N, K, bs, double_quant):
     """The M <= 4 GEMV on each x86 path against the csrc/ref twin and fp64: relative Frobenius
     error 1e-5 (elementwise, a K = 4096 fp32 dot product with cancellation differs by more than
     1e-5 from the sequential ref sum on either path)."""
+    if not _C.has_avx2():
+        pytest.skip("CPU lacks AVX2: only the scalar reference runs")
     if avx512 and not _C.has_avx512():
         pytest.skip("CPU lacks AVX-512 F/BW/VL/DQ")
     q = make(N, K, blocksize=bs, double_quant=double_quant, seed=M * 131 + K)
     g = torch.Generator().manual_seed(N + bs)
     x = torch.randn(M, K, generator=g)
     A, B, bias = torch.randn(2, K, generator=g) / 8, torch.randn(N, 2, generator=g), torch.randn(N, generator=g)
-    _C.set_force_avx2(not avx512)
-    try:
+    with nl.max_cpu_isa("avx512" if avx512 else "avx2"):
         assert _C.forward_path(M, N, K) == ("gemv512" if avx512 else "gemv")
         y, _ = cpu_linear.qlora_forward(x, *state(q), N, A, B, 0.7, bias, 0.0, None)
-    finally:
-        _C.set_force_avx2(False)
     yr, _ = cpu_linear.qlora_forward(x, *state(q), N, A, B, 0.7, bias, 0.0, None, impl="ref")
     assert rel_err(y, yr) <= 1e-5
     torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)

@@ -8,6 +8,16 @@ namespace nf4lora {
 
 using namespace bind;
 
+namespace {
+// impl: "fast" (dispatched kernels), "ref" (exact scalar reference), "ref_bf16w" (scalar
+// reference of the bf16 paths: W rounded to bf16)
+enum class Impl { kFast, kRef, kRefBf16w };
+Impl parse_impl(const std::string& impl) {
+  if (impl == "ref_bf16w") return Impl::kRefBf16w;
+  return use_ref(impl) ? Impl::kRef : Impl::kFast;
+}
+}  // namespace
+
 void register_cpu_linear(py::module_& m) {
   m.def(
       "qlora_forward",
@@ -19,14 +29,13 @@ void register_cpu_linear(py::module_& m) {
         LoraArgs lora{ptr<const float>(A), ptr<const float>(B), r, scaling, make_mask(dropout_p, seed)};
         const LoraArgs* lp = A ? &lora : nullptr;
         const DType d = to_dtype(dtype);
-        const bool ref = use_ref(impl);
+        const Impl which = parse_impl(impl);
         Status s;
         {
           py::gil_scoped_release nogil;
-          s = ref ? qlora_forward_ref(ptr<const void>(x), d, M, w, ptr<const float>(bias), lp,
-                                      ptr<void>(y), ptr<float>(u))
-                  : qlora_forward_cpu(ptr<const void>(x), d, M, w, ptr<const float>(bias), lp,
-                                      ptr<void>(y), ptr<float>(u));
+          auto fn = which == Impl::kRef ? qlora_forward_ref
+                    : which == Impl::kRefBf16w ? qlora_forward_bf16w_ref : qlora_forward_cpu;
+          s = fn(ptr<const void>(x), d, M, w, ptr<const float>(bias), lp, ptr<void>(y), ptr<float>(u));
         }
         check(s, "qlora_forward");
       },
@@ -47,14 +56,13 @@ void register_cpu_linear(py::module_& m) {
         LoraArgs lora{ptr<const float>(A), ptr<const float>(A), r, scaling, make_mask(dropout_p, seed)};
         const LoraArgs* lp = A ? &lora : nullptr;
         const DType d = to_dtype(dtype);
-        const bool ref = use_ref(impl);
+        const Impl which = parse_impl(impl);
         Status s;
         {
           py::gil_scoped_release nogil;
-          s = ref ? qlora_backward_dx_ref(ptr<const void>(dy), d, M, w, lp, ptr<const float>(g),
-                                          ptr<void>(dx))
-                  : qlora_backward_dx_cpu(ptr<const void>(dy), d, M, w, lp, ptr<const float>(g),
-                                          ptr<void>(dx));
+          auto fn = which == Impl::kRef ? qlora_backward_dx_ref
+                    : which == Impl::kRefBf16w ? qlora_backward_dx_bf16w_ref : qlora_backward_dx_cpu;
+          s = fn(ptr<const void>(dy), d, M, w, lp, ptr<const float>(g), ptr<void>(dx));
         }
         check(s, "qlora_backward_dx");
       },
@@ -84,8 +92,16 @@ void register_cpu_linear(py::module_& m) {
       py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("dA"),
       py::arg("impl") = "fast");
 
-  m.def("forward_path", &forward_path, py::arg("M"), py::arg("N"), py::arg("K"),
-        "Which CPU path qlora_forward takes: 'gemv512', 'gemv', 'gemm' or 'ref'");
+  m.def(
+      "forward_path",
+      [](int64_t M, int64_t N, int64_t K, int dtype) { return std::string(forward_path(M, N, K, to_dtype(dtype))); },
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype") = 0,
+      "Which CPU path qlora_forward takes: 'amx', 'avx512_bf16', 'gemv512', 'gemv', 'gemm' or 'ref'");
+  m.def(
+      "backward_path",
+      [](int64_t M, int64_t N, int64_t K, int dtype) { return std::string(backward_path(M, N, K, to_dtype(dtype))); },
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype") = 0,
+      "Which CPU path qlora_backward_dx takes: 'amx', 'avx512_bf16', 'gemm' or 'ref'");
 }
 
 }  // namespace nf4lora

@@ -2,6 +2,8 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "bindings/cpu_bindings.h"
 #include "cpu/cpu_features.h"
 
@@ -20,6 +22,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512vbmi", &nf4lora::cpu_has_avx512vbmi, "CPU has AVX-512 (as has_avx512) + VBMI");
   m.def("uses_avx512vbmi", &nf4lora::use_avx512vbmi,
         "The AVX-512 + VBMI kernels (8-bit AdamW, its arithmetic encoder) currently run");
+  m.def("has_avx512bf16", &nf4lora::cpu_has_avx512bf16, "CPU has AVX-512 (as has_avx512) + AVX512_BF16");
+  m.def("has_amx_bf16", &nf4lora::cpu_has_amx_bf16,
+        "CPU has AMX-TILE + AMX-BF16 and the OS enabled tile state (permission aside)");
+  m.def("amx_status", [] { return std::string(nf4lora::amx_status()); },
+        "'granted', 'not present' or 'refused: <why>' (the XTILEDATA permission, asked once)");
+  m.def("uses_avx512bf16", &nf4lora::use_avx512bf16, "The AVX512-BF16 tile path currently runs");
+  m.def("uses_amx", &nf4lora::use_amx, "The AMX-BF16 tile path currently runs");
+  m.def(
+      "set_max_isa",
+      [](const std::string& name) {
+        nf4lora::IsaTier t;
+        if (!nf4lora::isa_tier_from_name(name.c_str(), &t))
+          throw pybind11::value_error("max_isa must be one of 'scalar', 'avx2', 'avx512', "
+                                      "'avx512_bf16', 'amx'; got '" + name + "'");
+        nf4lora::set_isa_cap(t);
+      },
+      pybind11::arg("name"),
+      "Cap the ISA tier the kernels use (tests, benchmarks; env NF4LORA_MAX_ISA): 'scalar', "
+      "'avx2', 'avx512', 'avx512_bf16' or 'amx' (no cap)");
+  m.def("max_isa", [] { return std::string(nf4lora::isa_tier_name(nf4lora::isa_cap())); },
+        "The current ISA cap (see set_max_isa)");
   m.def("num_threads", &nf4lora::cpu_num_threads, "OpenMP threads the kernels use");
   m.def(
       "set_num_threads",

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/linear_bf16.h"
 
 namespace nf4lora {
 
@@ -61,10 +62,27 @@ void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lo
 
 }  // namespace
 
-const char* forward_path(int64_t M, int64_t N, int64_t K) {
+namespace {
+// The bf16 tile kernel for bf16 activations on this CPU (nullptr: none; the fp32 paths run).
+const bf16lin::TileKernel* bf16_kernel(DType dtype) {
+  if (dtype != DType::kBF16) return nullptr;
+  if (use_amx()) return &bf16lin::kAmxKernel;
+  if (use_avx512bf16()) return &bf16lin::kDpbf16Kernel;
+  return nullptr;
+}
+}  // namespace
+
+const char* forward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
+  if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows) return t->name;
   if (M > kGemvMaxRows || K % 32 != 0) return "gemm";
   return (M <= kGemv512MaxRows && use_avx512()) ? "gemv512" : "gemv";
+}
+
+const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
+  if (!use_avx2()) return "ref";
+  if (const bf16lin::TileKernel* t = bf16_kernel(dtype)) return t->name;
+  return "gemm";
 }
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
@@ -72,6 +90,9 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   if (Status s = check_args(w, lora, M, x, y); s != Status::kOk) return s;
   if (lora && !u) return Status::kNullPointer;
   if (!use_avx2()) return qlora_forward_ref(x, dtype, M, w, bias, lora, y, u);
+  if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows)
+    return bf16lin::forward(*t, static_cast<const uint16_t*>(x), M, w, bias, lora,
+                            static_cast<uint16_t*>(y), u);
   const int64_t N = w.N, K = w.K;
   const int64_t r = lora ? lora->r : 0;
   if (lora) lora_u(x, dtype, M, K, *lora, u);
@@ -130,6 +151,9 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   if (Status s = check_args(w, lora, M, dy, dx); s != Status::kOk) return s;
   if (lora && !g) return Status::kNullPointer;
   if (!use_avx2()) return qlora_backward_dx_ref(dy, dtype, M, w, lora, g, dx);
+  if (const bf16lin::TileKernel* t = bf16_kernel(dtype))
+    return bf16lin::backward_dx(*t, static_cast<const uint16_t*>(dy), M, w, lora, g,
+                                static_cast<uint16_t*>(dx));
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = (K + 15) / 16 * 16;
   // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.
@@ -172,6 +196,10 @@ Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, in
   if (!g || !x || !dA) return Status::kNullPointer;
   if (M <= 0 || K <= 0 || r <= 0) return Status::kBadSize;
   if (!use_avx2()) return lora_grad_a_ref(g, x, dtype, M, K, r, scaling, drop, dA);
+  if (use_avx512()) {
+    avx512lin::lora_grad_a(g, x, dtype, M, K, r, scaling, drop, dA);
+    return Status::kOk;
+  }
   constexpr int64_t kCols = 512;
   std::fill_n(dA, r * K, 0.0f);
 #pragma omp parallel

@@ -5,6 +5,9 @@
 //              M <= kGemv512MaxRows on an AVX-512 CPU: the same in linear_avx512.cpp ("gemv512").
 //   GEMM path  (otherwise): decode a W panel into an L1/L2-resident fp32 buffer, then a 6x16
 //              register-blocked AVX2 micro-kernel; the LoRA term is added in the epilogue.
+//   bf16 tile path (bf16 activations, M >= kBf16TileMinRows forward, any M backward, on a CPU
+//              with AMX-BF16 or AVX512-BF16): csrc/cpu/linear_bf16.h; W rounded to bf16 as
+//              dequantize_nf4 does, fp32 accumulation.
 // Without AVX2 every call runs the scalar reference. CPU launchers allocate their own host scratch
 // (per-thread panels, an fp32 accumulator the size of the output): never a dense copy of W.
 #pragma once
@@ -14,6 +17,9 @@ namespace nf4lora {
 
 constexpr int64_t kGemvMaxRows = 16;    // retune from bench/bench_linear.py
 constexpr int64_t kGemv512MaxRows = 4;  // AVX-512 GEMV rows (bench/bench_gemv.py)
+// bf16 activations from this many rows take the bf16 tile path (AMX / AVX512-BF16) where the CPU
+// has one; fewer rows take the exact fp32 GEMV (bench/bench_linear.py)
+constexpr int64_t kBf16TileMinRows = 2;
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
                          const float* bias, const LoraArgs* lora, void* y, float* u);
@@ -22,9 +28,11 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
 Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
                        float scaling, const DropoutMask& drop, float* dA);
 
-// Which path qlora_forward_cpu takes for these sizes (tests and benchmarks report it):
+// Which path qlora_forward_cpu / qlora_backward_dx_cpu take for these sizes and activation dtype
+// (tests, benchmarks and nf4lora.info() report it): "amx", "avx512_bf16" (bf16 tile paths),
 // "gemv512", "gemv", "gemm" or "ref".
-const char* forward_path(int64_t M, int64_t N, int64_t K);
+const char* forward_path(int64_t M, int64_t N, int64_t K, DType dtype);
+const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype);
 
 // ---- AVX2 building blocks (csrc/cpu/linear_avx2.cpp; call only when use_avx2()) ----
 namespace avx2lin {
@@ -56,6 +64,9 @@ namespace avx512lin {
 // As avx2lin::gemv_forward, for 1 <= M <= kGemv512MaxRows; xp even/odd-permuted in groups of 32.
 void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, int64_t n1,
                   float* y_acc);
+// dA [r, K] (fp32) = scaling g^T D(x), g [M, r] fp32, x [M, K] in dtype (csrc/cpu/lora_avx512.cpp)
+void lora_grad_a(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
+                 float scaling, const DropoutMask& drop, float* dA);
 }  // namespace avx512lin
 
 }  // namespace nf4lora

@@ -13,10 +13,15 @@ Status check_lora(const LoraArgs* lora) {
   if (lora->r <= 0) return Status::kBadSize;
   return Status::kOk;
 }
-}  // namespace
 
-Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
-                         const float* bias, const LoraArgs* lora, void* y, float* u) {
+// W[n, k] exactly, or rounded to bf16 as the bf16 paths decode it (dequantize_nf4(q, bfloat16))
+float weight(const NF4Weight& w, int64_t n, int64_t k, bool bf16w) {
+  const float v = w.at(n, k);
+  return bf16w ? bf16_to_f32(f32_to_bf16(v)) : v;
+}
+
+Status forward_impl(const void* x, DType dtype, int64_t M, const NF4Weight& w, const float* bias,
+                    const LoraArgs* lora, void* y, float* u, bool bf16w) {
   if (Status s = w.check(); s != Status::kOk) return s;
   if (Status s = check_lora(lora); s != Status::kOk) return s;
   if (!x || !y || (lora && !u)) return Status::kNullPointer;
@@ -38,7 +43,7 @@ Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight&
     }
     for (int64_t n = 0; n < N; ++n) {
       float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += load_as_f32(x, dtype, m * K + k) * w.at(n, k);
+      for (int64_t k = 0; k < K; ++k) acc += load_as_f32(x, dtype, m * K + k) * weight(w, n, k, bf16w);
       if (bias) acc += bias[n];
       if (lora) {
         float l = 0.0f;
@@ -51,8 +56,8 @@ Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight&
   return Status::kOk;
 }
 
-Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                             const LoraArgs* lora, const float* g, void* dx) {
+Status backward_dx_impl(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                        const LoraArgs* lora, const float* g, void* dx, bool bf16w) {
   if (Status s = w.check(); s != Status::kOk) return s;
   if (Status s = check_lora(lora); s != Status::kOk) return s;
   if (!dy || !dx || (lora && !g)) return Status::kNullPointer;
@@ -62,7 +67,7 @@ Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4We
     const uint32_t row = lora ? lora->drop.row(m) : 0;
     for (int64_t k = 0; k < K; ++k) {
       float acc = 0.0f;
-      for (int64_t n = 0; n < N; ++n) acc += load_as_f32(dy, dtype, m * N + n) * w.at(n, k);
+      for (int64_t n = 0; n < N; ++n) acc += load_as_f32(dy, dtype, m * N + n) * weight(w, n, k, bf16w);
       if (lora) {
         float l = 0.0f;
         for (int64_t j = 0; j < lora->r; ++j) l += g[m * lora->r + j] * lora->A[j * K + k];
@@ -73,6 +78,25 @@ Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4We
     }
   }
   return Status::kOk;
+}
+
+}  // namespace
+
+Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                         const float* bias, const LoraArgs* lora, void* y, float* u) {
+  return forward_impl(x, dtype, M, w, bias, lora, y, u, false);
+}
+Status qlora_forward_bf16w_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                               const float* bias, const LoraArgs* lora, void* y, float* u) {
+  return forward_impl(x, dtype, M, w, bias, lora, y, u, true);
+}
+Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                             const LoraArgs* lora, const float* g, void* dx) {
+  return backward_dx_impl(dy, dtype, M, w, lora, g, dx, false);
+}
+Status qlora_backward_dx_bf16w_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                                   const LoraArgs* lora, const float* g, void* dx) {
+  return backward_dx_impl(dy, dtype, M, w, lora, g, dx, true);
 }
 
 Status lora_grad_a_ref(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,

@@ -32,6 +32,13 @@ Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight&
 Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
                              const LoraArgs* lora, const float* g, void* dx);
 
+// The same two with every W element rounded to bf16 first (ties to even): the math of the bf16
+// paths (csrc/cpu/linear_bf16.h), which multiply the bf16 numbers dequantize_nf4(q, bfloat16) gives.
+Status qlora_forward_bf16w_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                               const float* bias, const LoraArgs* lora, void* y, float* u);
+Status qlora_backward_dx_bf16w_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
+                                   const LoraArgs* lora, const float* g, void* dx);
+
 // dA = s g^T D(x)   g [M, r] fp32, x [M, K] in dtype  ->  dA [r, K] fp32.
 Status lora_grad_a_ref(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
                        float scaling, const DropoutMask& drop, float* dA);

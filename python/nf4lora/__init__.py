@@ -1,7 +1,7 @@
 """nf4lora: NF4 (QLoRA) kernels for PyTorch.
 
 Bit-exact bitsandbytes NF4 quantization with double-quantized scales, a fused dequant + GEMM +
-LoRA linear (forward and backward), and paged optimizer state; C++ (AVX2/OpenMP) and CUDA kernels
+LoRA linear (forward and backward), and paged optimizer state; C++ (AVX2/AVX-512/AMX + OpenMP) and CUDA kernels
 registered as torch custom ops. See DESIGN.md for the architecture.
 """
 from .functional import nf4_linear, qlora_linear
@@ -13,6 +13,7 @@ from .lora import (add_weighted_adapter, apply_adalora, apply_qlora, apply_vera,
                    save_bnb_checkpoint, set_adapter, unmerge_adapter, update_and_allocate)
 from .optim import PagedAdamW
 from .checkpoint import load_training_state, save_training_state
+from .dispatch import info, max_cpu_isa
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_l
            "load_adapter", "set_adapter", "disable_adapter", "delete_adapter", "merge_adapter",
            "unmerge_adapter", "merge_and_unload", "load_bnb_state_dict", "bnb_state_dict",
            "mixed_batch", "apply_vera", "apply_adalora", "update_and_allocate", "add_weighted_adapter", "PagedAdamW",
-           "save_bnb_checkpoint", "load_bnb_checkpoint", "save_training_state", "load_training_state"]
+           "save_bnb_checkpoint", "load_bnb_checkpoint", "save_training_state", "load_training_state",
+           "info", "max_cpu_isa"]

@@ -15,6 +15,7 @@ enum class Status : int {
   kBadArgument,     // any other invalid argument (probability, rank, ...)
   kUnsupported,     // valid but not implemented on this backend
   kCudaError,       // a CUDA runtime call failed (message from cudaGetErrorString)
+  kOutOfMemory,     // a host scratch allocation failed
 };
 
 inline const char* status_message(Status s) {
@@ -28,13 +29,15 @@ inline const char* status_message(Status s) {
     case Status::kBadArgument: return "invalid argument";
     case Status::kUnsupported: return "not supported on this backend";
     case Status::kCudaError: return "CUDA error";
+    case Status::kOutOfMemory: return "out of host memory for kernel scratch";
   }
   return "unknown status";
 }
 
 // True for Status values that mean "the caller passed something wrong" (-> ValueError).
 inline bool status_is_value_error(Status s) {
-  return s != Status::kOk && s != Status::kCudaError && s != Status::kUnsupported;
+  return s != Status::kOk && s != Status::kCudaError && s != Status::kUnsupported &&
+         s != Status::kOutOfMemory;
 }
 
 }  // namespace nf4lora
