@@ -17,7 +17,7 @@ logs="${NF4LORA_SAN_LOGS:-build/sanitize-logs}"
 sanitizers="${NF4LORA_SANITIZE:-address,undefined}"
 mkdir -p "$site" "$logs"
 site="$(cd "$site" && pwd)" logs="$(cd "$logs" && pwd)"
-default_tests="tests/test_quantize.py tests/test_linear.py tests/test_optim.py tests/test_bad_input.py
+default_tests="tests/test_quantize.py tests/test_linear*.py tests/test_optim.py tests/test_bad_input.py
   tests/test_fuzz.py tests/test_fuzz_loaders.py tests/test_threads.py"
 # shellcheck disable=SC2206  (word splitting wanted: a list of test files)
 tests=(${NF4LORA_SAN_TESTS:-$default_tests})
