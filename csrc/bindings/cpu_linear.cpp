@@ -96,12 +96,15 @@ void register_cpu_linear(py::module_& m) {
       "forward_path",
       [](int64_t M, int64_t N, int64_t K, int dtype) { return std::string(forward_path(M, N, K, to_dtype(dtype))); },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype") = 0,
-      "Which CPU path qlora_forward takes: 'amx', 'avx512_bf16', 'gemv512', 'gemv', 'gemm' or 'ref'");
+      "Which CPU path qlora_forward takes: 'amx', 'avx512_bf16', 'gemv512', 'gemv', 'gemm512', 'gemm' or 'ref'");
+  m.attr("GEMV_MAX_ROWS") = kGemvMaxRows;
+  m.attr("GEMV512_MAX_ROWS") = kGemv512MaxRows;
+  m.attr("BF16_TILE_MIN_ROWS") = kBf16TileMinRows;
   m.def(
       "backward_path",
       [](int64_t M, int64_t N, int64_t K, int dtype) { return std::string(backward_path(M, N, K, to_dtype(dtype))); },
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dtype") = 0,
-      "Which CPU path qlora_backward_dx takes: 'amx', 'avx512_bf16', 'gemm' or 'ref'");
+      "Which CPU path qlora_backward_dx takes: 'amx', 'avx512_bf16', 'gemm512', 'gemm' or 'ref'");
 }
 
 }  // namespace nf4lora

@@ -106,6 +106,12 @@ std::string g_amx_status = "not present";
 
 void request_amx() {
   if (!cpu_has_amx_bf16()) return;
+  // NF4LORA_NO_AMX=1: behave as if the kernel refused (tests the fallback and its report)
+  const char* off = std::getenv("NF4LORA_NO_AMX");
+  if (off != nullptr && *off != '\0' && std::strcmp(off, "0") != 0) {
+    g_amx_status = "refused: NF4LORA_NO_AMX is set";
+    return;
+  }
   // Linux >= 5.16 keeps the 8 KB tile data state off until a process asks for it; using a tile
   // instruction before that raises SIGILL. The permission covers every thread of the process.
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;

@@ -24,6 +24,7 @@ bool use_avx512bf16();        // use_avx512() && cpu_has_avx512bf16() && cap >= 
 bool cpu_has_amx_bf16();      // CPUID AMX-TILE + AMX-BF16 and XCR0 tile state enabled by the OS
 // The per-process XTILEDATA permission (arch_prctl ARCH_REQ_XCOMP_PERM), requested on the first
 // call: true when granted. amx_status() says why not otherwise ("not present", "refused: ...").
+// NF4LORA_NO_AMX=1 in the environment makes it refuse (tests of the fallback).
 bool amx_ready();
 const char* amx_status();
 bool use_amx();               // use_avx512() && amx_ready() && cap >= amx

@@ -6,6 +6,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <memory>
+#include <new>
 #include <vector>
 
 #include "cpu/cpu_features.h"
@@ -46,6 +48,24 @@ void permute_even_odd(const float* x, int64_t n, int group, float* xp) {
     }
 }
 
+// An uninitialised float buffer for this call, kept per calling thread between calls up to 64 MB
+// (a fresh zero-filled std::vector costs a page fault and a zeroing per 4 KB on every call);
+// larger requests live in `own` for the call. Callers overwrite every element they read.
+float* kept_floats(int slot, size_t n, std::unique_ptr<float[]>& own) {
+  constexpr size_t kKeep = (size_t{64} << 20) / sizeof(float);
+  thread_local std::unique_ptr<float[]> buf[2];
+  thread_local size_t cap[2] = {0, 0};
+  if (n <= cap[slot]) return buf[slot].get();
+  float* p = new (std::nothrow) float[n];
+  if (n <= kKeep) {
+    buf[slot].reset(p);
+    cap[slot] = p ? n : 0;
+  } else {
+    own.reset(p);
+  }
+  return p;
+}
+
 // u [M, r] = D(x) A^T
 void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
   // A parallel region costs a fork/join; for a few rows one thread is cheaper.
@@ -63,6 +83,10 @@ void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lo
 }  // namespace
 
 namespace {
+// Largest M the GEMV takes: on AVX-512 the AVX-512 GEMV up to kGemv512MaxRows and the AVX-512 GEMM
+// above it (faster than the AVX2 GEMV there, measured); on AVX2 the AVX2 GEMV up to kGemvMaxRows.
+int64_t gemv_max_rows() { return use_avx512() ? kGemv512MaxRows : kGemvMaxRows; }
+
 // The bf16 tile kernel for bf16 activations on this CPU (nullptr: none; the fp32 paths run).
 const bf16lin::TileKernel* bf16_kernel(DType dtype) {
   if (dtype != DType::kBF16) return nullptr;
@@ -75,14 +99,14 @@ const bf16lin::TileKernel* bf16_kernel(DType dtype) {
 const char* forward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows) return t->name;
-  if (M > kGemvMaxRows || K % 32 != 0) return "gemm";
-  return (M <= kGemv512MaxRows && use_avx512()) ? "gemv512" : "gemv";
+  if (K % 32 == 0 && M <= gemv_max_rows()) return use_avx512() ? "gemv512" : "gemv";
+  return use_avx512() ? "gemm512" : "gemm";
 }
 
 const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
   if (!use_avx2()) return "ref";
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype)) return t->name;
-  return "gemm";
+  return use_avx512() ? "gemm512" : "gemm";
 }
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
@@ -97,9 +121,9 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   const int64_t r = lora ? lora->r : 0;
   if (lora) lora_u(x, dtype, M, K, *lora, u);
 
-  if (M <= kGemvMaxRows && K % 32 == 0) {
+  if (M <= gemv_max_rows() && K % 32 == 0) {
     // GEMV: x (fp32, lane-permuted for the decode that runs) stays in L1/L2 while W streams once.
-    const bool wide = M <= kGemv512MaxRows && use_avx512();  // the "gemv512" path
+    const bool wide = use_avx512();  // the "gemv512" path
     std::vector<float> xf(static_cast<size_t>(M * K)), xp(xf.size()), acc(static_cast<size_t>(M * N));
     for (int64_t m = 0; m < M; ++m) load_row(x, dtype, m, K, nullptr, xf.data() + m * K);
     permute_even_odd(xf.data(), M * K, wide ? 32 : 8, xp.data());
@@ -130,16 +154,19 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
 
   // GEMM: y^T accumulates in fp32 [N, Mp]; LoRA rides as r extra K columns.
   const int64_t Mp = (M + 15) / 16 * 16, Np = (N + 5) / 6 * 6;  // micro-tiles are 6 W rows
-  std::vector<float> yT(static_cast<size_t>(Np * Mp));
-  avx2lin::gemm_forward(w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r,
-                        lora ? lora->scaling : 0.0f, yT.data());
+  // (every element transpose_out stores comes from the GEMM's first K chunk, written unaccumulated)
+  std::unique_ptr<float[]> own;
+  float* yT = kept_floats(0, static_cast<size_t>(Np * Mp), own);
+  if (yT == nullptr) return Status::kOutOfMemory;
+  (use_avx512() ? avx512lin::gemm_forward : avx2lin::gemm_forward)(  // "gemm512" / "gemm"
+      w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r, lora ? lora->scaling : 0.0f, yT);
   // Transpose out in 8 x 8 register tiles (yT rows are Mp >= m0 + 8 long); the last N % 8
   // columns element by element.
   const int64_t N8 = N / 8 * 8;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t m0 = 0; m0 < Mp; m0 += 8)
     for (int64_t n0 = 0; n0 < N8; n0 += 8)
-      if (m0 < M) avx2lin::transpose_out(yT.data(), Mp, M, N, m0, n0, bias, y, dtype);
+      if (m0 < M) avx2lin::transpose_out(yT, Mp, M, N, m0, n0, bias, y, dtype);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = N8; n < N; ++n)
       store_from_f32(y, dtype, m * N + n, yT[n * Mp + m] + (bias ? bias[n] : 0.0f));
@@ -157,18 +184,20 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = (K + 15) / 16 * 16;
   // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.
-  std::vector<float> dyf, accbuf;
+  // (the GEMM writes every column < K of the accumulator before the epilogue reads it)
+  std::unique_ptr<float[]> own_dy, own_acc;
   const float* dyp = static_cast<const float*>(dy);
   if (dtype != DType::kF32) {
-    dyf.resize(static_cast<size_t>(M * N));
+    float* dyf = kept_floats(0, static_cast<size_t>(M * N), own_dy);
+    if (dyf == nullptr) return Status::kOutOfMemory;
 #pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf.data() + m * N);
-    dyp = dyf.data();
+    for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf + m * N);
+    dyp = dyf;
   }
   const bool in_place = dtype == DType::kF32 && Kp == K;
-  if (!in_place) accbuf.resize(static_cast<size_t>(M * Kp));
-  float* acc = in_place ? static_cast<float*>(dx) : accbuf.data();
-  avx2lin::gemm_backward_dx(w, dyp, M, acc, Kp);
+  float* acc = in_place ? static_cast<float*>(dx) : kept_floats(1, static_cast<size_t>(M * Kp), own_acc);
+  if (acc == nullptr) return Status::kOutOfMemory;
+  (use_avx512() ? avx512lin::gemm_backward_dx : avx2lin::gemm_backward_dx)(w, dyp, M, acc, Kp);
   // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.
 #pragma omp parallel
   {

@@ -1,5 +1,5 @@
-// AVX-512 GEMV forward of the CPU fused QLoRA linear, M <= 4 (dispatch and epilogues: linear.cpp;
-// the AVX2 GEMV in linear_avx2.cpp is the fallback and serves 4 < M <= kGemvMaxRows).
+// AVX-512 GEMV forward of the CPU fused QLoRA linear, M <= kGemv512MaxRows = 8 (dispatch and
+// epilogues: linear.cpp; the AVX2 GEMV in linear_avx2.cpp is the fallback on AVX2-only CPUs).
 //
 // NF4 decode, 32 codes per 16-byte load, 4 instructions: vpmovzxbd widens the 16 packed bytes to 16
 // int32 lanes; vpermps (_mm512_permutexvar_ps) against a zmm holding the 16 exact float32 code
@@ -122,7 +122,11 @@ void gemv_forward(const NF4Weight& w, const float* xp, int64_t M, int64_t n0, in
     case 1: gemv_rows<1>(w, table, xp, n0, n1, scale.data(), y_acc); break;
     case 2: gemv_rows<2>(w, table, xp, n0, n1, scale.data(), y_acc); break;
     case 3: gemv_rows<3>(w, table, xp, n0, n1, scale.data(), y_acc); break;
-    default: gemv_rows<4>(w, table, xp, n0, n1, scale.data(), y_acc); break;
+    case 4: gemv_rows<4>(w, table, xp, n0, n1, scale.data(), y_acc); break;
+    case 5: gemv_rows<5>(w, table, xp, n0, n1, scale.data(), y_acc); break;
+    case 6: gemv_rows<6>(w, table, xp, n0, n1, scale.data(), y_acc); break;
+    case 7: gemv_rows<7>(w, table, xp, n0, n1, scale.data(), y_acc); break;
+    default: gemv_rows<8>(w, table, xp, n0, n1, scale.data(), y_acc); break;
   }
 }
 

@@ -1,8 +1,9 @@
 // The bf16-activation path of the CPU fused QLoRA linear (DESIGN.md "CPU paths"): NF4 codes are
 // decoded to bf16 (code value x block absmax in fp32, rounded to nearest even: the numbers
 // dequantize_nf4(q, bfloat16) and bitsandbytes give), multiplied on bf16 tiles, accumulated in
-// fp32. One driver (linear_bf16_avx512.cpp: decode, packing, blocking, epilogues) runs either tile
-// micro-kernel: AMX (linear_amx.cpp, TDPBF16PS) or AVX512-BF16 (linear_avx512bf16.cpp, VDPBF16PS).
+// fp32. One driver per direction (linear_bf16_fwd_avx512.cpp, linear_bf16_bwd_avx512.cpp; decode
+// and packing in bf16_tiles_avx512.h) runs either tile micro-kernel: AMX (linear_amx.cpp,
+// TDPBF16PS) or AVX512-BF16 (linear_avx512bf16.cpp, VDPBF16PS).
 // Call only when use_avx512() and the kernel's own feature check hold.
 #pragma once
 #include <cstdint>
@@ -37,11 +38,12 @@ extern const TileKernel kAmxKernel;     // linear_amx.cpp: use_amx()
 extern const TileKernel kDpbf16Kernel;  // linear_avx512bf16.cpp: use_avx512bf16()
 
 // y [M, N] (bf16) = x W^T + bias + s u B^T with u [M, r] = D(x) A^T (fp32), as
-// qlora_forward_bf16w_ref. Forward computes y^T tiles: A = decoded W rows, B = x in VNNI tiles.
+// qlora_forward_bf16w_ref (linear_bf16_fwd_avx512.cpp). y^T tiles: A = decoded W rows, B = x in
+// VNNI tiles.
 Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4Weight& w,
                const float* bias, const LoraArgs* lora, uint16_t* y, float* u);
-// dx [M, K] (bf16) = dy W + s D(g A), as qlora_backward_dx_bf16w_ref. A = dy rows (bf16, read in
-// place when M and N are multiples of 32), B = decoded W row pairs interleaved into VNNI tiles.
+// dx [M, K] (bf16) = dy W + s D(g A), as qlora_backward_dx_bf16w_ref (linear_bf16_bwd_avx512.cpp).
+// A = dy rows (packed into tiles), B = decoded W row pairs interleaved into VNNI tiles.
 Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const NF4Weight& w,
                    const LoraArgs* lora, const float* g, uint16_t* dx);
 
