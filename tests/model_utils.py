@@ -36,9 +36,7 @@ def dequantized_copy(qmodel, base):
     return ref
 
 
-def rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from numerics import rel_err as rel  # noqa: E402  (the suite's one relative-error helper)
 
 
 def randomize_adapters(model, adapter="default", seed=0, scale=0.05):
@@ -116,10 +114,16 @@ def single_adapter_logits(model, x, names):
 
 
 def assert_same_merged_weights(merged, merged_ref, targets, tol=1e-6):
-    """After merge_and_unload: every target nn.Linear of ours holds PEFT's merged weight."""
+    """After merge_and_unload: every target nn.Linear of ours holds PEFT's merged weight, and there
+    is at least one (a target list that matches nothing would otherwise pass with no assertion)."""
+    checked = []
     for n, mod in merged.named_modules():
         if isinstance(mod, torch.nn.Linear) and any(t in n for t in targets):
             assert rel(mod.weight, merged_ref.get_submodule(n).weight) < tol, n
+            checked.append(n)
+    assert checked, f"no nn.Linear of the merged model matches {targets}: nothing was compared"
+    want = [n for n, m in merged_ref.named_modules() if isinstance(m, torch.nn.Linear) and any(t in n for t in targets)]
+    assert checked == want, f"merged models differ in their target layers: {checked} vs {want}"
 
 
 def assert_files_round_trip(model, base, path, x):

@@ -1,4 +1,5 @@
 // nf4lora._C: the CPU kernels (scalar reference + AVX2/OpenMP) for the Python layer.
+#include <omp.h>
 #include <pybind11/pybind11.h>
 
 #include <string>
@@ -43,6 +44,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("max_isa", [] { return std::string(nf4lora::isa_tier_name(nf4lora::isa_cap())); },
         "The current ISA cap (see set_max_isa)");
   m.def("num_threads", &nf4lora::cpu_num_threads, "OpenMP threads the kernels use");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        if (n < 1) throw pybind11::value_error("set_num_threads: n must be >= 1, got " + std::to_string(n));
+        omp_set_num_threads(n);
+      },
+      pybind11::arg("n"),
+      "OpenMP threads for the kernels called from this thread (nf4lora._native hands torch's count over)");
   m.def(
       "fma_peak_gflops",
       [](int64_t iters) {

@@ -42,7 +42,7 @@ def _check_common(x, q, bias):
         if _C_cuda is None:
             raise RuntimeError("x is a CUDA tensor but nf4lora was built without its CUDA module")
     if bias is not None:
-        check_tensor("bias", bias, contiguous=False)
+        check_tensor("bias", bias, dtypes=_ACT_DTYPES, contiguous=False)
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
         if bias.device != x.device:

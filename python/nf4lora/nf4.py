@@ -158,7 +158,7 @@ def _from_bnb_state_dict(cls, sd, prefix):
                          f"{qs.dtype if isinstance(qs, torch.Tensor) else type(qs).__name__}")
     try:
         meta = json.loads(bytes(qs.detach().cpu().reshape(-1).numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError, RecursionError) as e:
         raise ValueError(f"'{qs_key}' is not valid JSON quant-state bytes: {e}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"'{qs_key}' must hold a JSON object")

@@ -8,15 +8,13 @@ import torch
 
 import nf4lora as nl
 from nf4lora.nn import VeraProjections
+from numerics import rel_err as rel
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 pytest.importorskip("nf4lora._C_cuda")
 
 
-def rel(a, b):
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def _layer(kind, K=256, N=192, seed=0):

@@ -10,6 +10,7 @@ import torch
 
 import nf4lora as nl
 from nf4lora.backends import default
+from numerics import rel_err
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
@@ -20,8 +21,6 @@ CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 PATHS = {"simt": 0, "gemv": 1, "gemm": 2}
 
 
-def rel_err(got, ref):
-    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def check_close(got, ref64, dtype, torch_lowp=None, floor=1e-6):

@@ -1,8 +1,11 @@
 """bitsandbytes 4-bit checkpoints: a state_dict written by a transformers model quantized with
 bitsandbytes (Linear4bit, nf4, with or without double quantization) loads into QLoRALinear layers
 bit-exactly, and ours is written in the same layout so bitsandbytes / transformers load it."""
+import os
+
 from torch import nn
 
+from .._files import atomic_path
 from ..nf4 import NF4Tensor
 from ..nn import ADAPTER_PARTS, QLoRALinear
 from .model import _set_child
@@ -70,3 +73,36 @@ def bnb_state_dict(model, include_adapters=False):
 
 def _is_adapter_key(key):
     return any(f".{part}." in key for part in ADAPTER_PARTS)
+
+
+def save_bnb_checkpoint(model, path, include_adapters=False):
+    """Write bnb_state_dict(model, include_adapters) to one safetensors file (the layout of a
+    bitsandbytes-quantized transformers model.safetensors), crash-safe: a temporary file, then one
+    rename, so a kill leaves the previous file or the new one. Tensors that share storage (tied
+    weights) are written as copies."""
+    from safetensors.torch import save_file
+
+    sd = bnb_state_dict(model, include_adapters)
+    tensors, seen = {}, set()
+    for k, v in sd.items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+
+
+def load_bnb_checkpoint(model, path, strict=True):
+    """load_bnb_state_dict(model, <the tensors of the safetensors file at path>, strict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no bitsandbytes checkpoint at {path}")
+    try:
+        sd = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    return load_bnb_state_dict(model, sd, strict)

@@ -13,10 +13,13 @@ against the model and the config before changing anything: a missing or unexpect
 shape, or an r in the config that disagrees with the tensors is an error that names the key.
 """
 import json
+import math
 import os
+import re
 
 import torch
 
+from .._files import atomic_path, atomic_write_text
 from .adalora import apply_adalora
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .targets import find_targets, pattern_value
@@ -85,12 +88,16 @@ def _config_header(model, peft_type):
 
 
 def _write(save_directory, config, tensors):
+    """Each file is written crash-safe (a temporary file, then one rename: a kill leaves the old
+    file or the new one). Weights go first, the config last: a run that saves the same adapter
+    every N steps always leaves a loadable pair (same config, old or new weights)."""
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
-    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    with atomic_path(os.path.join(save_directory, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    atomic_write_text(os.path.join(save_directory, CONFIG_NAME),
+                      json.dumps(config, indent=2, sort_keys=True))
 
 
 ADALORA_PARTS = ("lora_A", "lora_B", "lora_E")
@@ -150,11 +157,11 @@ def _read_config(path):
     cpath = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cpath):
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    with open(cpath) as f:
+    with open(cpath, "rb") as f:
         try:
-            cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cpath} is not valid JSON: {e}") from None
+            cfg = json.loads(f.read().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ValueError(f"{cpath} is not valid UTF-8 JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cpath} must hold a JSON object")
     if cfg.get("peft_type") not in ("LORA", "VERA", "ADALORA"):
@@ -177,16 +184,75 @@ def _positive_int(cpath, cfg, field, default):
         raise ValueError(f"{cpath}: {field} must be a positive int, got {v!r}")
 
 
+def _is_number(v):
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _check_regex(cpath, field, pattern):
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{cpath}: {field} holds an invalid regular expression {pattern!r}: {e}") from None
+
+
+def _check_common_fields(cpath, cfg):
+    """Types of the fields every adapter kind reads (JSON of the wrong type is an error naming the
+    field, not a failure deep inside model surgery)."""
+    tm = cfg.get("target_modules")
+    if tm is not None:
+        if isinstance(tm, str):
+            _check_regex(cpath, "target_modules", tm)
+        elif not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
+            raise ValueError(f"{cpath}: target_modules must be a string or a list of strings, got {tm!r}")
+    ex = cfg.get("exclude_modules")
+    if ex is not None:
+        if isinstance(ex, str):
+            _check_regex(cpath, "exclude_modules", ex)
+        elif not (isinstance(ex, list) and all(isinstance(t, str) for t in ex)):
+            raise ValueError(f"{cpath}: exclude_modules must be null, a string or a list of strings, got {ex!r}")
+    lt = cfg.get("layers_to_transform")
+    if lt is not None:
+        items = lt if isinstance(lt, list) else [lt]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in items):
+            raise ValueError(f"{cpath}: layers_to_transform must be null, a layer index or a list of them, "
+                             f"got {lt!r}")
+    lp = cfg.get("layers_pattern")
+    if lp is not None and not (isinstance(lp, str) or (isinstance(lp, list) and all(isinstance(x, str) for x in lp))):
+        raise ValueError(f"{cpath}: layers_pattern must be null, a string or a list of strings, got {lp!r}")
+    for field in ("lora_dropout", "vera_dropout"):
+        p = cfg.get(field, 0.0)
+        if p is not None and not (_is_number(p) and 0.0 <= p < 1.0):
+            raise ValueError(f"{cpath}: {field} must be a number in [0, 1), got {p!r}")
+
+
+def _check_pattern(cpath, cfg, field, ok, what):
+    pat = cfg.get(field)
+    if pat is None:
+        return
+    if not isinstance(pat, dict):
+        raise ValueError(f"{cpath}: {field} must be a JSON object (module regex -> {what}), got {pat!r}")
+    for k, v in pat.items():
+        _check_regex(cpath, field, k)
+        if not ok(v):
+            raise ValueError(f"{cpath}: {field}[{k!r}] must be {what}, got {v!r}")
+
+
 def _check_lora_fields(cpath, cfg):
+    _check_common_fields(cpath, cfg)
     _positive_int(cpath, cfg, "r", 8)
-    if not isinstance(cfg.get("use_dora", False), bool):
-        raise ValueError(f"{cpath}: use_dora must be true or false, got {cfg['use_dora']!r}")
+    for field in ("use_dora", "use_rslora"):
+        if not isinstance(cfg.get(field, False), bool):
+            raise ValueError(f"{cpath}: {field} must be true or false, got {cfg[field]!r}")
     alpha = cfg.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"{cpath}: lora_alpha must be a number, got {alpha!r}")
+    if not _is_number(alpha):
+        raise ValueError(f"{cpath}: lora_alpha must be a finite number, got {alpha!r}")
+    _check_pattern(cpath, cfg, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "a positive int")
+    _check_pattern(cpath, cfg, "alpha_pattern", _is_number, "a finite number")
 
 
 def _check_vera_fields(cpath, cfg):
+    _check_common_fields(cpath, cfg)
     _positive_int(cpath, cfg, "r", 256)
     key = cfg.get("projection_prng_key", 0)
     if isinstance(key, bool) or not isinstance(key, int):
@@ -194,6 +260,7 @@ def _check_vera_fields(cpath, cfg):
 
 
 def _check_adalora_fields(cpath, cfg):
+    _check_common_fields(cpath, cfg)
     _positive_int(cpath, cfg, "init_r", 12)
     _positive_int(cpath, cfg, "target_r", 8)
     rp = cfg.get("rank_pattern")
@@ -208,10 +275,20 @@ _CHECK_FIELDS = {"LORA": _check_lora_fields, "VERA": _check_vera_fields, "ADALOR
 def _read_weights(path):
     st, bin_ = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_NAME_BIN)
     if os.path.isfile(st):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(st)
+        try:
+            return load_file(st)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{st} is not a readable safetensors file: {e}") from None
     if os.path.isfile(bin_):
-        return torch.load(bin_, map_location="cpu", weights_only=True)
+        try:
+            weights = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch's unpickler and zip reader raise many types
+            raise ValueError(f"{bin_} is not a readable weights-only torch file: {type(e).__name__}: {e}") from None
+        if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
+            raise ValueError(f"{bin_} must hold a dict of tensors keyed by name")
+        return weights
     raise FileNotFoundError(f"no {WEIGHTS_NAME} (or {WEIGHTS_NAME_BIN}) in {path}")
 
 
