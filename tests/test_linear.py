@@ -7,15 +7,12 @@ import pytest
 import torch
 
 import nf4lora as nl
+from numerics import rel_err
 from nf4lora import _C
 from nf4lora.backends import cpu_linear, default
 
 ops = torch.ops.nf4lora
 
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def make(N, K, blocksize=64, double_quant=True, seed=0):

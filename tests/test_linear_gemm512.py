@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nf4lora as nl
+from numerics import rel_err
 from nf4lora import _C
 from nf4lora._native import DTYPE_CODE, addr
 from nf4lora.backends import default
@@ -24,10 +25,6 @@ def isa_cap():
     finally:
         _C.set_max_isa(prev)
 
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def w_args(q):

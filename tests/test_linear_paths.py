@@ -8,16 +8,13 @@ import pytest
 import torch
 
 import nf4lora as nl
+from numerics import rel_err
 from nf4lora import _C
 from nf4lora.backends import cpu_linear
 
 BF16 = torch.bfloat16
 CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def tier_available(tier):
