@@ -198,18 +198,15 @@ def _check_regex(cpath, field, pattern):
 def _check_common_fields(cpath, cfg):
     """Types of the fields every adapter kind reads (JSON of the wrong type is an error naming the
     field, not a failure deep inside model surgery)."""
-    tm = cfg.get("target_modules")
-    if tm is not None:
-        if isinstance(tm, str):
-            _check_regex(cpath, "target_modules", tm)
-        elif not (isinstance(tm, list) and all(isinstance(t, str) for t in tm)):
-            raise ValueError(f"{cpath}: target_modules must be a string or a list of strings, got {tm!r}")
-    ex = cfg.get("exclude_modules")
-    if ex is not None:
-        if isinstance(ex, str):
-            _check_regex(cpath, "exclude_modules", ex)
-        elif not (isinstance(ex, list) and all(isinstance(t, str) for t in ex)):
-            raise ValueError(f"{cpath}: exclude_modules must be null, a string or a list of strings, got {ex!r}")
+    for field, what in (("target_modules", "a string or a list of strings"),
+                        ("exclude_modules", "null, a string or a list of strings")):
+        v = cfg.get(field)
+        if v is None:
+            continue
+        if isinstance(v, str):
+            _check_regex(cpath, field, v)
+        elif not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            raise ValueError(f"{cpath}: {field} must be {what}, got {v!r}")
     lt = cfg.get("layers_to_transform")
     if lt is not None:
         items = lt if isinstance(lt, list) else [lt]
