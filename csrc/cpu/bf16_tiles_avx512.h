@@ -14,8 +14,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 
+#include "cpu/kept_scratch.h"
 #include "cpu/linear_bf16.h"
 #include "cpu/simd_avx512.h"
 #include "nf4lora/nf4.h"
@@ -29,53 +29,17 @@ constexpr int64_t kTile = 512; // bf16 elements in one 16 x 32 tile
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// 64-byte aligned scratch; never holds a copy of W. Each thread keeps one buffer per slot up to
-// kKeepBytes between calls (fresh pages would cost a page fault and a zeroing per 4 KB on every
-// call); larger requests are allocated for the call and freed.
-constexpr size_t kKeepBytes = size_t{64} << 20;
+// Per-thread kept scratch (kept_scratch.h), one buffer per slot.
 enum Slot { kSlotOperand, kSlotPanel, kSlotAcc, kSlotRows, kSlots };
-
-struct FreeDeleter {
-  void operator()(void* p) const { std::free(p); }
-};
-struct Kept {
-  std::unique_ptr<void, FreeDeleter> p;
-  size_t bytes = 0;
-};
-thread_local Kept t_kept[kSlots];
+thread_local KeptBuf t_kept[kSlots];
 
 template <typename T>
-class Scratch {
- public:
-  Scratch(Slot slot, int64_t n) {
-    const size_t bytes = static_cast<size_t>(round_up(std::max<int64_t>(n, 1) * static_cast<int64_t>(sizeof(T)), 64));
-    Kept& k = t_kept[slot];
-    if (bytes <= k.bytes) {
-      ptr_ = static_cast<T*>(k.p.get());
-    } else if (bytes <= kKeepBytes) {
-      k.p.reset(std::aligned_alloc(64, bytes));
-      k.bytes = k.p ? bytes : 0;
-      ptr_ = static_cast<T*>(k.p.get());
-    } else {
-      own_.reset(std::aligned_alloc(64, bytes));
-      ptr_ = static_cast<T*>(own_.get());
-    }
-  }
-  T* get() const { return ptr_; }
-  bool ok() const { return ptr_ != nullptr; }
-
- private:
-  std::unique_ptr<void, FreeDeleter> own_;
-  T* ptr_ = nullptr;
+struct Scratch : KeptScratch<T> {
+  Scratch(Slot slot, int64_t n) : KeptScratch<T>(t_kept[slot], n) {}
 };
 
 // --- file-local scalar helpers (see linear_avx512.cpp: no header inlines compiled with ISA flags
-// may leak to baseline callers), the same roundings as nf4.h / dtype.h.
-inline float block_scale(const NF4Scales& s, int64_t b) {
-  if (s.qabsmax == nullptr) return s.absmax[b];
-  const float scaled = s.code8[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
-  return scaled + s.offset;
-}
+// may leak to baseline callers), the same rounding as dtype.h's f32_to_bf16.
 inline uint16_t bf16_rne(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
@@ -83,17 +47,11 @@ inline uint16_t bf16_rne(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
-inline float bf16_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 // W[n, k] rounded to bf16 (odd shapes only)
 inline uint16_t w_bf16(const NF4Weight& w, int64_t n, int64_t k) {
   const int64_t i = n * w.K + k;
   const uint8_t byte = w.packed[i / 2];
-  return bf16_rne(kNF4[(i % 2 == 0) ? (byte >> 4) : (byte & 15)] * block_scale(w.scales, i / w.blocksize));
+  return bf16_rne(kNF4[(i % 2 == 0) ? (byte >> 4) : (byte & 15)] * avx512::block_scale(w.scales, i / w.blocksize));
 }
 
 // --- vector helpers: csrc/cpu/simd_avx512.h

@@ -6,11 +6,10 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <memory>
-#include <new>
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/kept_scratch.h"
 #include "cpu/linear_bf16.h"
 
 namespace nf4lora {
@@ -48,23 +47,9 @@ void permute_even_odd(const float* x, int64_t n, int group, float* xp) {
     }
 }
 
-// An uninitialised float buffer for this call, kept per calling thread between calls up to 64 MB
-// (a fresh zero-filled std::vector costs a page fault and a zeroing per 4 KB on every call);
-// larger requests live in `own` for the call. Callers overwrite every element they read.
-float* kept_floats(int slot, size_t n, std::unique_ptr<float[]>& own) {
-  constexpr size_t kKeep = (size_t{64} << 20) / sizeof(float);
-  thread_local std::unique_ptr<float[]> buf[2];
-  thread_local size_t cap[2] = {0, 0};
-  if (n <= cap[slot]) return buf[slot].get();
-  float* p = new (std::nothrow) float[n];
-  if (n <= kKeep) {
-    buf[slot].reset(p);
-    cap[slot] = p ? n : 0;
-  } else {
-    own.reset(p);
-  }
-  return p;
-}
+// Per calling thread, kept between calls (kept_scratch.h): the GEMM's y^T, dx's fp32 dy copy and
+// accumulator.
+thread_local KeptBuf t_gemm_out, t_gemm_in;
 
 // u [M, r] = D(x) A^T
 void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
@@ -155,8 +140,8 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   // GEMM: y^T accumulates in fp32 [N, Mp]; LoRA rides as r extra K columns.
   const int64_t Mp = (M + 15) / 16 * 16, Np = (N + 5) / 6 * 6;  // micro-tiles are 6 W rows
   // (every element transpose_out stores comes from the GEMM's first K chunk, written unaccumulated)
-  std::unique_ptr<float[]> own;
-  float* yT = kept_floats(0, static_cast<size_t>(Np * Mp), own);
+  KeptScratch<float> yT_buf(t_gemm_out, Np * Mp);
+  float* yT = yT_buf.get();
   if (yT == nullptr) return Status::kOutOfMemory;
   (use_avx512() ? avx512lin::gemm_forward : avx2lin::gemm_forward)(  // "gemm512" / "gemm"
       w, x, dtype, M, lora ? u : nullptr, lora ? lora->B : nullptr, r, lora ? lora->scaling : 0.0f, yT);
@@ -185,17 +170,18 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   const int64_t Kp = (K + 15) / 16 * 16;
   // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.
   // (the GEMM writes every column < K of the accumulator before the epilogue reads it)
-  std::unique_ptr<float[]> own_dy, own_acc;
+  KeptScratch<float> dy_buf(t_gemm_in, dtype != DType::kF32 ? M * N : 1);
   const float* dyp = static_cast<const float*>(dy);
   if (dtype != DType::kF32) {
-    float* dyf = kept_floats(0, static_cast<size_t>(M * N), own_dy);
+    float* dyf = dy_buf.get();
     if (dyf == nullptr) return Status::kOutOfMemory;
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < M; ++m) load_row(dy, dtype, m, N, nullptr, dyf + m * N);
     dyp = dyf;
   }
   const bool in_place = dtype == DType::kF32 && Kp == K;
-  float* acc = in_place ? static_cast<float*>(dx) : kept_floats(1, static_cast<size_t>(M * Kp), own_acc);
+  KeptScratch<float> acc_buf(t_gemm_out, in_place ? 1 : M * Kp);
+  float* acc = in_place ? static_cast<float*>(dx) : acc_buf.get();
   if (acc == nullptr) return Status::kOutOfMemory;
   (use_avx512() ? avx512lin::gemm_backward_dx : avx2lin::gemm_backward_dx)(w, dyp, M, acc, Kp);
   // Epilogue: dx = acc + s D(g A), vectorised over k through axpy on rows of A.

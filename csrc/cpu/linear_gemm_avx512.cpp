@@ -45,7 +45,9 @@
 #include <new>
 #include <utility>
 
+#include "cpu/kept_scratch.h"
 #include "cpu/linear.h"
+#include "cpu/simd_avx512.h"
 #include "nf4lora/nf4.h"
 
 namespace nf4lora {
@@ -64,41 +66,17 @@ constexpr int64_t kMB = 512;      // forward: max y^T columns (activation rows) 
 constexpr int64_t kNC = 128;      // dx: reduction (W rows) per chunk
 constexpr int64_t kKB = 256;      // dx: max dx columns per task (decoded W block 128 x 256: 128 KB)
 constexpr int64_t kMBdx = 40 * kMR;  // dx: max dy rows per task (560: M = 512 decodes W once)
-constexpr size_t kKeepBytes = size_t{64} << 20;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t rup(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 
 // ---------------------------------------------------------------- scratch
-// 64-byte aligned fp32 scratch, never a copy of W. A thread keeps its buffer (up to kKeepBytes)
-// between calls, so repeated calls do not page-fault fresh memory; bigger ones are per call.
-struct KeptBuf {
-  std::unique_ptr<float, decltype(&std::free)> p{nullptr, &std::free};
-  size_t n = 0;
-};
-
-class Scratch {
- public:
-  Scratch(KeptBuf& k, int64_t count) {
-    const size_t n = static_cast<size_t>(std::max<int64_t>(count, 16));
-    const size_t bytes = (n * sizeof(float) + 63) / 64 * 64;
-    if (bytes <= kKeepBytes) {
-      if (n > k.n) {
-        k.p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-        k.n = k.p ? n : 0;
-      }
-      ptr_ = k.p.get();
-    } else {
-      own_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-      ptr_ = own_.get();
-    }
-    if (!ptr_) throw std::bad_alloc();
+// fp32 scratch kept per thread between calls (kept_scratch.h), at least 16 floats; a failed
+// allocation throws, as a std::vector would.
+struct Scratch : KeptScratch<float> {
+  Scratch(KeptBuf& k, int64_t count) : KeptScratch<float>(k, std::max<int64_t>(count, 16)) {
+    if (!ok()) throw std::bad_alloc();
   }
-  float* get() const { return ptr_; }
-
- private:
-  std::unique_ptr<float, decltype(&std::free)> own_{nullptr, &std::free};
-  float* ptr_ = nullptr;
 };
 
 thread_local KeptBuf t_pack;   // calling thread: x^T / dy packed operand
@@ -113,12 +91,7 @@ inline void copy_block(const float* src, int64_t lds, int64_t rows, int64_t cols
 }
 
 // ---------------------------------------------------------------- NF4 decode
-// Block absmax with the two roundings of dq_absmax (code8[q] * absmax2, then + offset).
-inline float block_scale(const NF4Scales& s, int64_t b) {
-  if (s.qabsmax == nullptr) return s.absmax[b];
-  const float scaled = s.code8[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
-  return scaled + s.offset;
-}
+using avx512::block_scale;  // simd_avx512.h: dq_absmax's two roundings
 
 // W element at flat index i (scalar; only for a partial last group of the tensor).
 inline float elem(const NF4Weight& w, int lb, int64_t i) {

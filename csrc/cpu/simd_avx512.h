@@ -63,6 +63,14 @@ inline __m512 apply_dropout(const DropoutMask& d, uint32_t row_hash, int64_t k0,
   return _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(d.scale));
 }
 
+// Absmax of block b with the two roundings of dq_absmax (code8[q] * absmax2, then + offset; no
+// FMA): the scalar twin of block_scales, for element-wise tails.
+inline float block_scale(const NF4Scales& s, int64_t b) {
+  if (s.qabsmax == nullptr) return s.absmax[b];
+  const float scaled = s.code8[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
+  return scaled + s.offset;
+}
+
 // Absmax of blocks [b0, b0 + n) -> dst, 16 at a time (the double-quantized ones with the two
 // roundings of dq_absmax: code8[q] * absmax2, then + offset; separate instructions, no FMA).
 inline void block_scales(const NF4Scales& sc, int64_t b0, int64_t n, float* dst) {
