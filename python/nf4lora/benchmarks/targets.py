@@ -9,17 +9,17 @@ Rows: bf16 forward at M = 512 vs dense bf16 F.linear; the bf16 QLoRA layer forwa
 LoRA; bf16 forward at M = 16 vs dense bf16; M = 1 vs torch's int4 CPU kernel (groupsize 64) and
 as a share of DRAM bandwidth; fp32 forward at M = 512 vs dense fp32.
 """
-import math
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from .. import nf4_linear, qlora_linear, quantize_nf4
+from .. import nf4_linear, qlora_linear
 from .._native import DTYPE_CODE, _C
 from .common import Rotating, dram_read_gbps
-from .linear import INT4_GROUPSIZE, copies_for, int4pack_available, int4pack_weight, try_bnb
+from .layer import peft_bnb_layer
+from .linear import INT4_GROUPSIZE, copies_for, int4pack_available, int4pack_weight, make_case
 
 R = 16
 SCALING = 2.0
@@ -43,19 +43,6 @@ def time_interleaved(fns, repeats, warmup=1, budget_s=None):
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def _weights(K, N, small_m, seed=0):
-    g = torch.Generator().manual_seed(seed + K + N)
-    w = torch.randn(N, K, generator=g) * 0.02
-    q = quantize_nf4(w, 64, double_quant=True)
-    qs = Rotating([q] + [q.clone() for _ in range(copies_for(q.nbytes, small_m) - 1)])
-    return g, w, q, qs
-
-
-def _dense(w, dtype, small_m):
-    wd = w.to(dtype)
-    return Rotating([wd] + [wd.clone() for _ in range(copies_for(wd.numel() * wd.element_size(), small_m) - 1)])
-
-
 def _row(target, shape, M, dtype, ours_ms, base_name, base_ms, goal, path, **extra):
     ratio = base_ms / ours_ms if ours_ms > 0 else float("nan")
     return dict(target=target, shape=shape, M=M, dtype=str(dtype).replace("torch.", ""), path=path,
@@ -64,10 +51,8 @@ def _row(target, shape, M, dtype, ours_ms, base_name, base_ms, goal, path, **ext
 
 
 def forward_vs_dense(K, N, M, dtype, repeats, goal, target):
-    small = M <= 16
-    g, w, q, qs = _weights(K, N, small)
-    ws = _dense(w, dtype, small)
-    x = torch.randn(M, K, generator=g).to(dtype)
+    q, qs, w32, w16, _, _, x, _ = make_case(K, N, M, dtype, M <= 16, False)
+    ws = w16 if dtype == torch.bfloat16 else w32
     with torch.no_grad():
         t = time_interleaved({"ours": lambda: nf4_linear(x, qs.next()),
                               "dense": lambda: F.linear(x, ws.next())}, repeats)
@@ -77,34 +62,29 @@ def forward_vs_dense(K, N, M, dtype, repeats, goal, target):
 
 
 def layer_fwd_bwd(K, N, M, repeats):
-    """bf16 QLoRA layer forward + backward (dx, dA, dB) vs bitsandbytes + PEFT and dense + LoRA."""
-    g, w, q, _ = _weights(K, N, False)
-    x = torch.randn(M, K, generator=g).bfloat16()
-    dy = torch.randn(M, N, generator=g).bfloat16()
-    A = torch.randn(R, K, generator=g) / math.sqrt(K)
-    B = torch.randn(N, R, generator=g) * 0.01
-    wb = w.bfloat16()
+    """bf16 QLoRA layer forward + backward (dx, dA, dB) vs bitsandbytes Linear4bit under PEFT's LoRA
+    layer (layer.peft_bnb_layer) and vs dense bf16 + LoRA, on the same weight."""
+    q, _, w32, w16, A, B, x, _ = make_case(K, N, M, torch.bfloat16, False, False)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(M)).bfloat16()
+    wb = w16.items[0]
 
     def ours():
         xi, Ai, Bi = x.detach().requires_grad_(), A.detach().requires_grad_(), B.detach().requires_grad_()
         qlora_linear(xi, q, Ai, Bi, SCALING).backward(dy)
 
-    def with_base(base):  # PEFT's LoRA: bf16 adapter weights, lora_B(lora_A(x)) * s
-        def run():
-            xi = x.detach().requires_grad_()
-            Ai, Bi = A.bfloat16().requires_grad_(), B.bfloat16().requires_grad_()
-            (base(xi) + (xi @ Ai.t()) @ Bi.t() * SCALING).backward(dy)
-        return run
+    def dense():  # PEFT's LoRA arithmetic on a dense bf16 weight: lora_B(lora_A(x)) * s in bf16
+        xi = x.detach().requires_grad_()
+        Ai, Bi = A.bfloat16().requires_grad_(), B.bfloat16().requires_grad_()
+        (F.linear(xi, wb) + (xi @ Ai.t()) @ Bi.t() * SCALING).backward(dy)
 
-    fns = {"ours": ours, "dense": with_base(lambda xi: F.linear(xi, wb))}
-    bnb, _ = try_bnb()
-    if bnb is not None:
-        lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                                compress_statistics=True)
-        lin.weight = bnb.nn.Params4bit(wb, requires_grad=False, quant_type="nf4", compress_statistics=True,
-                                       blocksize=64)
-        lin = lin.to("cpu")
-        fns["bnb"] = with_base(lin)
+    fns = {"ours": ours, "dense": dense}
+    linear = torch.nn.Linear(K, N, bias=False)
+    linear.weight.data = w32.items[0]
+    peft_model = peft_bnb_layer(linear, R, torch.bfloat16)  # alpha 2r: the same scaling 2
+    if peft_model is not None:
+        def bnb():
+            peft_model(x.detach().requires_grad_()).backward(dy)
+        fns["bnb"] = bnb
     t = time_interleaved(fns, repeats)
     path = f"{_C.forward_path(M, N, K, DTYPE_CODE[torch.bfloat16])} / {_C.backward_path(M, N, K, DTYPE_CODE[torch.bfloat16])}"
     rows = [_row("bf16 QLoRA layer fwd+bwd >= 1.0x dense bf16 + LoRA", f"{K}x{N}", M, torch.bfloat16,
@@ -116,8 +96,8 @@ def layer_fwd_bwd(K, N, M, repeats):
 
 
 def gemv_vs_int4(K, N, repeats, dram):
-    g, w, q, qs = _weights(K, N, True)
-    x = torch.randn(1, K, generator=g).bfloat16()
+    q, qs, w32, _, _, _, x, _ = make_case(K, N, 1, torch.bfloat16, True, False)
+    w = w32.items[0]
     fns = {"ours": lambda: nf4_linear(x, qs.next())}
     if int4pack_available() and K % INT4_GROUPSIZE == 0:
         first = int4pack_weight(w)
