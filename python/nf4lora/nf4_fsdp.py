@@ -14,6 +14,8 @@ block scales (`weight.absmax`) as Shard(0) DTensors over each rank's bytes (view
 place), and the nested scales, the code maps and the quant-state JSON (the whole weight's shape)
 as plain tensors, identical on every rank.
 """
+import types
+
 import torch
 
 from .nf4 import NF4Tensor
@@ -58,8 +60,20 @@ def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out
 
 
 # ------------------------------------------------------------------------------ state dict
+def _expose_key_path(w):
+    """torch.distributed.checkpoint.state_dict resolves every state-dict key as an attribute path
+    (`weight.absmax`, `weight.quant_state.bitsandbytes__nf4`): give the weight object those
+    attributes (bitsandbytes' Params4bit has them as its quant state). Markers only, never read."""
+    for name in ("absmax", "quant_map", "nested_absmax", "nested_quant_map"):
+        if not hasattr(w, name):
+            setattr(w, name, None)
+    if not hasattr(w, "quant_state"):
+        w.quant_state = types.SimpleNamespace(bitsandbytes__nf4=None)
+
+
 def nf4_state_dict_entries(w, key, keep_vars=False):
     """bitsandbytes' Linear4bit keys for a layer weight `w` (NF4Tensor, or a DTensor of shards)."""
+    _expose_key_path(w)
     if not _is_dtensor(w):
         sd = w.to_bnb_state_dict(key)
         return sd if keep_vars else {k: v.detach() for k, v in sd.items()}
@@ -71,12 +85,28 @@ def nf4_state_dict_entries(w, key, keep_vars=False):
     whole = NF4Tensor._wrap(local.packed, local.absmax, w.shape, w.dtype, local.blocksize,
                             local.absmax2, local.code8, local.offset)
     sd = whole.to_bnb_state_dict(key)  # the nested scales, code maps and JSON are the whole weight's
+    qs = key + ".quant_state.bitsandbytes__nf4"
+    sd[qs] = _fixed_width_json(sd[qs], whole)
     n = w.shape.numel()
     sd[key] = DTensor.from_local(local.packed.reshape(-1, 1), mesh, placements, run_check=False,
                                  shape=torch.Size(((n + 1) // 2, 1)), stride=(1, 1))
     sd[key + ".absmax"] = DTensor.from_local(local.absmax, mesh, placements, run_check=False,
                                              shape=torch.Size((-(-n // local.blocksize),)), stride=(1,))
     return sd
+
+
+def _fixed_width_json(blob, whole):
+    """The quant-state JSON padded with trailing spaces (still valid JSON, as bitsandbytes reads it)
+    to a length that does not depend on nested_offset's digits: torch.distributed.checkpoint loads
+    into tensors of the saved sizes, and a fresh model's offset prints to another length."""
+    meta_len = len(NF4Tensor._wrap(whole.packed, whole.absmax, whole.shape, whole.dtype,
+                                   whole.blocksize, whole.absmax2, whole.code8, 0.0)
+                   .to_bnb_state_dict("w")["w.quant_state.bitsandbytes__nf4"])
+    width = meta_len - len("0.0") + _MAX_FLOAT_REPR
+    return torch.cat([blob, torch.full((width - blob.numel(),), ord(" "), dtype=torch.uint8)])
+
+
+_MAX_FLOAT_REPR = len(repr(-2.2250738585072014e-308))  # the longest repr() of a float64: 24
 
 
 def _local_rows(w):

@@ -369,7 +369,9 @@ class QLoRALinear(nn.Module):
                 error_msgs.append(f"{wkey}: {e}")
                 q = None
             if q is not None:
-                if tuple(q.shape) != (self.out_features, self.in_features):
+                if q is nf4_local(self.weight):  # a sharded weight, loaded into its shard in place
+                    self._load_weight(q)
+                elif tuple(q.shape) != (self.out_features, self.in_features):
                     error_msgs.append(f"{wkey}: shape {tuple(q.shape)} does not match this layer's "
                                       f"{(self.out_features, self.in_features)}")
                 else:
@@ -389,7 +391,7 @@ class QLoRALinear(nn.Module):
         """Put a loaded NF4 weight in place: copied into the existing parameter when the layouts
         match (optimizers, FSDP and hooks keep their references), replaced otherwise."""
         w = self.weight
-        if q is w:  # loaded in place (a sharded state dict)
+        if q is nf4_local(w):  # loaded in place (a sharded weight)
             pass
         elif isinstance(w, NF4Tensor) and same_nf4_layout(w, q):
             with torch.no_grad():
