@@ -72,3 +72,21 @@ def test_ddp_matches_one_process(reference, tmp_path):
         for name, want in reference["nf4"].items():  # the frozen NF4 base is untouched
             assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
                        for a, b in zip(run["nf4"][name], want)), name
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_example_runs_under_torchrun(mode, tmp_path):
+    """The README's launch line, as written there, on 2 CPU processes (gloo)."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(W.free_port()), os.path.join(root, "examples", "fsdp_qlora.py"),
+           "--backend", "gloo", "--mode", mode, "--steps", "2", "--hidden", "64", "--layers", "2",
+           "--checkpoint", str(tmp_path / "ckpt")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2: loss" in out.stdout
+    if mode == "fsdp":
+        assert (tmp_path / "ckpt" / ".metadata").is_file()
