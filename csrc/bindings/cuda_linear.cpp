@@ -117,7 +117,7 @@ void emulate_gemm_t(bool bwd, const uint8_t* act, int64_t M, const cuda::NF4Weig
       // epilogue (LoRA with the tensor-core fragments, mask, bias) -> float32 out
       for (int warp = 0; warp < kWarps; ++warp) {
         const int wm0 = (warp / WN) * 16 * MF, wn0 = (warp % WN) * 8 * NF;
-        if (epi.has_lora()) {
+        if (epi.has_lora(bwd)) {
           for (int64_t j0 = 0; j0 < epi.r; j0 += 16)
             for (int i = 0; i < MF; ++i) {
               uint32_t la[32][4];

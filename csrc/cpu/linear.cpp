@@ -100,7 +100,7 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows)
     return bf16lin::forward(*t, static_cast<const uint16_t*>(x), M, w, epi,
                             static_cast<uint16_t*>(y));
-  const LinearEpilogue* lora = epi.has_lora() ? &epi : nullptr;
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
   const float* bias = epi.bias;
   float* u = epi.u;
   const int64_t N = w.N, K = w.K;
@@ -166,7 +166,7 @@ Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4We
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype))
     return bf16lin::backward_dx(*t, static_cast<const uint16_t*>(dy), M, w, epi,
                                 static_cast<uint16_t*>(dx));
-  const LinearEpilogue* lora = epi.has_lora() ? &epi : nullptr;
+  const LinearEpilogue* lora = epi.has_lora(true) ? &epi : nullptr;
   const float* g = epi.g;
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = (K + 15) / 16 * 16;

@@ -82,7 +82,7 @@ void forward_epilogue(const float* acc, int64_t Mp, int64_t M, int64_t N, int64_
 
 Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4Weight& w,
                const LinearEpilogue& epi, uint16_t* y) {
-  const LinearEpilogue* lora = epi.has_lora() ? &epi : nullptr;
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
   const float* bias = epi.bias;
   float* u = epi.u;
   const int64_t N = w.N, K = w.K;

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(32 * WM * WN, 1)
 
   // ------------------------------------------------------------------ epilogue
   const bool partial = gridDim.z > 1;
-  if (!partial && epi.has_lora()) {
+  if (!partial && epi.has_lora(BWD)) {
     uint32_t row_hash[MF][2];
 #pragma unroll
     for (int i = 0; i < MF; ++i)

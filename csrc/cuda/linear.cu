@@ -35,7 +35,7 @@ Status run(bool bwd, const void* a, DType dt, int64_t M, const NF4Weight& w,
   if (!p.ok) return Status::kUnsupported;
   // p.ws_floats is linear_workspace_floats(...) of this launch: what Python allocated `ws` from
   if (p.ws_floats > 0 && (ws == nullptr || ws_floats < p.ws_floats)) return Status::kBadSize;
-  if (!bwd && epi.has_lora()) {  // the shrink first: the expand in the epilogue reads U
+  if (!bwd && epi.has_lora(false)) {  // the shrink first: the expand in the epilogue reads U
     s = launch_lora_u(a, dt, M, w.K, epi, stream);
     if (s != Status::kOk) return s;
   }

@@ -55,7 +55,7 @@ Status launch_gemm(const LinearPlan& p, bool bwd, const void* a, DType dt, int64
                    cudaStream_t stream);
 Status launch_simt(bool bwd, const void* a, DType dt, int64_t M, const NF4Weight& w,
                    const LinearEpilogue& epi, void* out, cudaStream_t stream);
-// U = D(x) A^T into epi.u (the forward's shrink; epi.has_lora()).
+// U = D(x) A^T into epi.u (the forward's shrink; epi.has_lora(false)).
 Status launch_lora_u(const void* x, DType dt, int64_t M, int64_t K, const LinearEpilogue& epi,
                      cudaStream_t stream);
 // Sum the split partials ws [splits, M, ncols], apply the epilogue, store in dt.

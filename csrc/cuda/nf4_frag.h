@@ -410,7 +410,7 @@ NF4LORA_HD float lora_dot(const LinearEpilogue& e, bool bwd, int64_t m, int64_t 
 NF4LORA_HD float epilogue_value(const LinearEpilogue& e, bool bwd, int64_t m, int64_t c,
                                 int64_t ncols, float acc) {
   float v = acc;
-  if (e.has_lora()) {
+  if (e.has_lora(bwd)) {
     float t = lora_dot(e, bwd, m, c, ncols);
     if (bwd && e.drop.active()) t = e.drop.apply(e.drop.row(m), c, t);
     v += e.scaling * t;

@@ -18,7 +18,7 @@ Status forward_impl(const void* x, DType dtype, int64_t M, const NF4Weight& w,
   if (Status s = w.check(); s != Status::kOk) return s;
   if (Status s = epi.check(false); s != Status::kOk) return s;
   if (!x || !y) return Status::kNullPointer;
-  const LinearEpilogue* lora = epi.has_lora() ? &epi : nullptr;
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
   const float* bias = epi.bias;
   float* u = epi.u;
   if (M <= 0) return Status::kBadSize;
@@ -57,7 +57,7 @@ Status backward_dx_impl(const void* dy, DType dtype, int64_t M, const NF4Weight&
   if (Status s = w.check(); s != Status::kOk) return s;
   if (Status s = epi.check(true); s != Status::kOk) return s;
   if (!dy || !dx) return Status::kNullPointer;
-  const LinearEpilogue* lora = epi.has_lora() ? &epi : nullptr;
+  const LinearEpilogue* lora = epi.has_lora(true) ? &epi : nullptr;
   const float* g = epi.g;
   if (M <= 0) return Status::kBadSize;
   const int64_t N = w.N, K = w.K;

@@ -17,11 +17,11 @@
 
 namespace nf4lora {
 
-// y = x W^T + epi.bias (+ s D(x) A^T B^T when epi.has_lora(); then epi.u [M, r] receives D(x) A^T).
+// y = x W^T + epi.bias (+ s D(x) A^T B^T when epi.r > 0; then epi.u [M, r] receives D(x) A^T).
 Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
                          const LinearEpilogue& epi, void* y);
 
-// dx = dy W (+ s D(g A) when epi.has_lora(); epi.g [M, r] = dy B computed by the caller).
+// dx = dy W (+ s D(g A) when epi.r > 0; epi.g [M, r] = dy B computed by the caller).
 Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
                              const LinearEpilogue& epi, void* dx);
 
