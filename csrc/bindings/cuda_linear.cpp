@@ -218,16 +218,21 @@ void register_cuda_linear(py::module_& m) {
       py::arg("ws"), py::arg("ws_floats"), py::arg("stream"), py::arg("force_path") = -1);
   m.def(
       "linear_workspace_floats",
-      [](int64_t M, int64_t N, int64_t K, bool bwd, int dtype, bool aligned, int force) {
+      [](int64_t M, int64_t N, int64_t K, bool bwd, int dtype, bool aligned, int force,
+         int sm_count, int cc) {
+        if (sm_count > 0)  // a given device: the pure function itself, no GPU needed
+          return cuda::linear_workspace_floats(M, N, K, bwd, to_dtype(dtype), aligned, sm_count, cc,
+                                               force);
         int64_t n = 0;
         check_cuda(cuda::linear_ws_floats_current(M, N, K, bwd, to_dtype(dtype), aligned, &n, force),
                    "linear_workspace_floats");
         return n;
       },
       "float32 elements of the workspace qlora_forward (bwd=False) / qlora_backward_dx (bwd=True) "
-      "need on the current device (linear_plan.h linear_workspace_floats)",
+      "need (linear_plan.h linear_workspace_floats) on the current device, or with sm_count > 0 "
+      "on a device of that many SMs and compute capability cc",
       py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bwd"), py::arg("dtype"),
-      py::arg("aligned") = true, py::arg("force") = -1);
+      py::arg("aligned") = true, py::arg("force") = -1, py::arg("sm_count") = 0, py::arg("cc") = 0);
   m.def("lora_grad_a_ws_floats", &cuda::lora_grad_a_ws_floats, py::arg("M"), py::arg("K"),
         py::arg("r"));
   m.def(
