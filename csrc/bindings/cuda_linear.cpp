@@ -220,13 +220,10 @@ void register_cuda_linear(py::module_& m) {
       "linear_workspace_floats",
       [](int64_t M, int64_t N, int64_t K, bool bwd, int dtype, bool aligned, int force,
          int sm_count, int cc) {
-        if (sm_count > 0)  // a given device: the pure function itself, no GPU needed
-          return cuda::linear_workspace_floats(M, N, K, bwd, to_dtype(dtype), aligned, sm_count, cc,
-                                               force);
-        int64_t n = 0;
-        check_cuda(cuda::linear_ws_floats_current(M, N, K, bwd, to_dtype(dtype), aligned, &n, force),
-                   "linear_workspace_floats");
-        return n;
+        if (sm_count <= 0)  // the current device (else a given one: no GPU needed)
+          check_cuda(cuda::device_info(&sm_count, &cc), "linear_workspace_floats");
+        return cuda::linear_workspace_floats(M, N, K, bwd, to_dtype(dtype), aligned, sm_count, cc,
+                                             force);
       },
       "float32 elements of the workspace qlora_forward (bwd=False) / qlora_backward_dx (bwd=True) "
       "need (linear_plan.h linear_workspace_floats) on the current device, or with sm_count > 0 "

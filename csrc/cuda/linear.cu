@@ -81,15 +81,6 @@ Status linear_plan_current(int64_t M, int64_t N, int64_t K, bool bwd, DType dt, 
   return Status::kOk;
 }
 
-Status linear_ws_floats_current(int64_t M, int64_t N, int64_t K, bool bwd, DType dt, bool aligned,
-                                int64_t* ws_floats, int force) {
-  int sms = 0, cc = 0;
-  const Status s = device_info(&sms, &cc);
-  if (s != Status::kOk) return s;
-  *ws_floats = linear_workspace_floats(M, N, K, bwd, dt, aligned, sms, cc, force);
-  return Status::kOk;
-}
-
 Status qlora_forward(const void* x, DType dt, int64_t M, const NF4Weight& w,
                      const LinearEpilogue& epi, void* y, float* ws, int64_t ws_floats,
                      cudaStream_t stream, int force_path) {

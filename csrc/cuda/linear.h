@@ -9,7 +9,7 @@
 //   lora_grad_a:       dA [r, K] = scaling * G^T D(x)                  (float32)
 // Activations x/dy/y/dx are row-major contiguous in one dtype (f32/f16/bf16); everything on the
 // LoRA side is float32. `ws` is a float32 workspace of linear_workspace_floats(...) elements
-// (csrc/cuda/linear_plan.h, for the current device: linear_ws_floats_current; may be null when
+// (csrc/cuda/linear_plan.h, with device_info's SM count and compute capability; may be null when
 // that is 0). All pointers are device memory; work is enqueued on `stream`.
 #pragma once
 #include <cuda_runtime.h>
@@ -33,9 +33,6 @@ Status device_info(int* sm_count, int* cc);
 // The plan the launcher will use on the current device (same inputs -> same plan).
 Status linear_plan_current(int64_t M, int64_t N, int64_t K, bool bwd, DType dt, bool aligned,
                            LinearPlan* plan, int force = -1);
-// linear_workspace_floats (linear_plan.h) on the current device: what `ws` must hold.
-Status linear_ws_floats_current(int64_t M, int64_t N, int64_t K, bool bwd, DType dt, bool aligned,
-                                int64_t* ws_floats, int force = -1);
 
 Status qlora_forward(const void* x, DType dt, int64_t M, const NF4Weight& w,
                      const LinearEpilogue& epi, void* y, float* ws, int64_t ws_floats,
