@@ -4,7 +4,8 @@
 //       thread, reduction tile 16; W elements fetched one by one through nf4_element(). The slow,
 //       always-correct path (awkward K, unaligned pointers, fp32 activations at M > 16, pre-sm_80).
 //   finalize_kernel: sums split-K partials [splits, M, ncols] and applies the epilogue.
-//   lora_u_kernel: U [M, r] = D(x) A^T (float32), 64 rows x 16 ranks per block.
+//   lora_u_kernel: U [M, r] = D(x) A^T (float32), 64 rows x 16 ranks per block: the LoRA shrink
+//       every forward launch with a LoRA term runs first (linear.cu), into the caller's u.
 //   lora_grad_a_kernel: partial dA over an M-split, then a reduce kernel (deterministic order).
 // Register / shared-memory report (nvcc 13.0, -Xptxas -v): see the block at the end of this file.
 #include "cuda/launch.h"
