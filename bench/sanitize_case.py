@@ -20,17 +20,19 @@ for (M, N, K, bs) in ((2, 136, 320, 64), (19, 72, 96, 32), (130, 40, 160, 128)):
                 continue
             ws = torch.empty(max(plan["ws_floats"], 1), device=dev)
             r = 5
-            left = torch.randn(M, r, device=dev)
-            right = torch.randn(r, K, device=dev) if bwd else torch.randn(N, r, device=dev)
+            A = torch.randn(r, K, device=dev)
             args = (a.data_ptr(), 2, M, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
                     q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, bs, N, K)
-            if bwd:
-                _C_cuda.nf4_linear_bwd(*args, left.data_ptr(), right.data_ptr(), r, 0.5, 0.1, 7,
-                                       out.data_ptr(), ws.data_ptr(), ws.numel(), stream, path)
-            else:
-                bias = torch.randn(N, device=dev)
-                _C_cuda.nf4_linear_fwd(*args, bias.data_ptr(), left.data_ptr(), right.data_ptr(), r,
-                                       0.5, out.data_ptr(), ws.data_ptr(), ws.numel(), stream, path)
+            if bwd:  # g = dy B [M, r] given
+                g = torch.randn(M, r, device=dev)
+                _C_cuda.qlora_backward_dx(*args, A.data_ptr(), r, 0.5, 0.1, 7, g.data_ptr(),
+                                          out.data_ptr(), ws.data_ptr(), ws.numel(), stream, path)
+            else:  # the launch writes u = D(x) A^T itself
+                bias, B = torch.randn(N, device=dev), torch.randn(N, r, device=dev)
+                u = torch.empty(M, r, device=dev)
+                _C_cuda.qlora_forward(*args, bias.data_ptr(), A.data_ptr(), B.data_ptr(), r, 0.5,
+                                      0.1, 7, out.data_ptr(), u.data_ptr(), ws.data_ptr(),
+                                      ws.numel(), stream, path)
             torch.cuda.synchronize()
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
     A = torch.randn(4, K, device=dev, requires_grad=True)

@@ -538,6 +538,24 @@ def test_native_module_rejects_bad_sizes():
         with raises(ValueError, "nf4_dequantize", "null"):   # nested without absmax2/code8
             _C.nf4_dequantize(out.data_ptr(), 0, out.data_ptr(), 0, 0, 0.0, 64, 64,
                               buf.data_ptr(), 0, impl)
+    # the fused linear's LoRA side (nf4lora/epilogue.h LinearEpilogue::check)
+    q = nl.quantize_nf4(torch.randn(8, 64), double_quant=False)
+    state = (q.packed.data_ptr(), q.absmax.data_ptr(), 0, 0, 0, 0.0, 64, 8, 64)
+    x, y, u, A = torch.randn(2, 64), torch.empty(2, 8), torch.empty(2, 4), torch.randn(4, 64)
+    B, g, dx = torch.randn(8, 4), torch.randn(2, 4), torch.empty(2, 64)
+    for impl in ("fast", "ref"):
+        with raises(ValueError, "qlora_forward", "size"):       # negative rank
+            _C.qlora_forward(x.data_ptr(), 0, 2, *state, 0, A.data_ptr(), B.data_ptr(), -1, 1.0,
+                             0.0, 0, y.data_ptr(), u.data_ptr(), impl)
+        with raises(ValueError, "qlora_forward", "null"):       # rank without u to write
+            _C.qlora_forward(x.data_ptr(), 0, 2, *state, 0, A.data_ptr(), B.data_ptr(), 4, 1.0,
+                             0.0, 0, y.data_ptr(), 0, impl)
+        with raises(ValueError, "qlora_forward", "null"):       # rank without lora_A
+            _C.qlora_forward(x.data_ptr(), 0, 2, *state, 0, 0, B.data_ptr(), 4, 1.0, 0.0, 0,
+                             y.data_ptr(), u.data_ptr(), impl)
+        with raises(ValueError, "qlora_backward_dx", "null"):   # rank without g
+            _C.qlora_backward_dx(y.data_ptr(), 0, 2, *state, A.data_ptr(), 4, 1.0, 0.0, 0, 0,
+                                 dx.data_ptr(), impl)
     with raises(ValueError, "impl"):
         _C.nf4_quantize(buf.data_ptr(), 0, 64, 64, out.data_ptr(), am.data_ptr(), "avx512")
     with raises(ValueError, "absmax_quantize", "size"):

@@ -80,6 +80,14 @@ SHAPES = [(M, N, K) for M in (1, 2, 3, 16, 17, 255, 4097, 8192)
                          (1000, 4064), (8, 32))]
 
 
+@pytest.mark.parametrize("M", [1, 1024, 1025, 5000, 40000])
+def test_lora_grad_a_workspace(M):
+    """dA's M-split partials: ~1024 rows per split, at most 32 splits, no workspace for one."""
+    K, r = 4096, 16
+    s = min(32, -(-M // 1024))
+    assert _C_cuda.lora_grad_a_ws_floats(M, K, r) == (s * r * K if s > 1 else 0)
+
+
 @pytest.mark.parametrize("M,N,K", SHAPES)
 @pytest.mark.parametrize("bwd", [False, True])
 @pytest.mark.parametrize("sms,cc", [(H200_SMS, H200_CC), (A100_SMS, A100_CC), (1, 80)])
@@ -93,6 +101,8 @@ def test_grid_covers_problem(M, N, K, bwd, sms, cc):
     assert 1 <= s <= 64
     assert s * sl >= red and (s - 1) * sl < red, "every split non-empty, all of the reduction covered"
     assert p["ws_floats"] == (s * M * ncols if s > 1 else 0)
+    # the size Python allocates comes from the same pure function (linear_plan.h)
+    assert _C_cuda.linear_workspace_floats(M, N, K, bwd, BF16, True, -1, sms, cc) == p["ws_floats"]
     if p["path"] == "gemv":
         assert M <= 2 and not bwd
         assert gx * 4 * 8 >= N and gy == s and sl % 1024 == 0

@@ -174,13 +174,13 @@ def test_outputs_fully_written():
     A, B = torch.randn(3, 96), torch.randn(50, 3)
     from nf4lora._native import addr
     _C.qlora_forward(x.data_ptr(), 0, 19, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
-                     addr(q.absmax2), addr(q.code8), q.offset, 50, 96, 64, 0, A.data_ptr(),
+                     addr(q.absmax2), addr(q.code8), q.offset, 64, 50, 96, 0, A.data_ptr(),
                      B.data_ptr(), 3, 1.0, 0.0, 0, y.data_ptr(), u.data_ptr(), "fast")
     assert torch.isfinite(y).all() and torch.isfinite(u).all()
     dx = torch.full((19, 96), float("nan"))
     dy = torch.randn(19, 50)
     _C.qlora_backward_dx(dy.data_ptr(), 0, 19, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
-                         addr(q.absmax2), addr(q.code8), q.offset, 50, 96, 64, 0, 0, 1.0, 0.0, 0, 0,
+                         addr(q.absmax2), addr(q.code8), q.offset, 64, 50, 96, 0, 0, 1.0, 0.0, 0, 0,
                          dx.data_ptr(), "fast")
     assert torch.isfinite(dx).all()
 

@@ -39,7 +39,7 @@ def forward(x, q, N, A, B, s, bias, p, seed, impl):
     r = 0 if A is None else A.shape[0]
     y = torch.full((M, N), float("nan"), dtype=x.dtype)
     u = torch.full((M, r), float("nan"))
-    _C.qlora_forward(x.data_ptr(), DTYPE_CODE[x.dtype], M, *w_args(q), N, K, q.blocksize, addr(bias),
+    _C.qlora_forward(x.data_ptr(), DTYPE_CODE[x.dtype], M, *w_args(q), q.blocksize, N, K, addr(bias),
                      addr(A), addr(B), r, s, p, seed if p > 0 else 0, y.data_ptr(),
                      u.data_ptr() if r else 0, impl)
     return y, u
@@ -50,7 +50,7 @@ def backward_dx(dy, q, K, g, A, s, p, seed, impl):
     M, N = dy.shape
     r = 0 if A is None else A.shape[0]
     dx = torch.full((M, K), float("nan"), dtype=dy.dtype)
-    _C.qlora_backward_dx(dy.data_ptr(), DTYPE_CODE[dy.dtype], M, *w_args(q), N, K, q.blocksize, addr(A), r, s,
+    _C.qlora_backward_dx(dy.data_ptr(), DTYPE_CODE[dy.dtype], M, *w_args(q), q.blocksize, N, K, addr(A), r, s,
                          p, seed if p > 0 else 0, addr(g) if r else 0, dx.data_ptr(), impl)
     return dx
 

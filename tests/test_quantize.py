@@ -307,7 +307,7 @@ def test_poisoned_outputs_fully_written(impl, dtype, gen):
             for odt in DTYPES:
                 out = torch.full((n + guard,), float("nan"), dtype=odt)
                 with force_scalar() if impl == "scalar" else contextlib.nullcontext():
-                    _C.nf4_dequantize(ref_p.data_ptr(), ref_a.data_ptr(), 0, 0, 0, 0.0, n, bs,
+                    _C.nf4_dequantize(ref_p.data_ptr(), ref_a.data_ptr(), 0, 0, 0, 0.0, bs, n,
                                       out.data_ptr(), DTYPE_CODE[odt], kimpl)
                 expect = default_be.dequantize_nf4(ref_p, ref_a, None, None, 0.0, bs, [n], odt)
                 assert_bits_equal(out[:n], expect, f"dequant n={n} bs={bs} {odt}")

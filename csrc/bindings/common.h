@@ -9,6 +9,7 @@
 
 #include "nf4lora/dropout.h"
 #include "nf4lora/dtype.h"
+#include "nf4lora/epilogue.h"
 #include "nf4lora/layout.h"
 #include "nf4lora/status.h"
 
@@ -55,9 +56,11 @@ inline NF4Scales make_scales(uintptr_t absmax, uintptr_t qabsmax, uintptr_t absm
   return s;
 }
 
+// The NF4 state in the one argument order every binding takes it (the op schemas' order:
+// packed, absmax | qabsmax + absmax2 + code8, offset, blocksize), then the weight's shape N, K.
 inline NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
-                             uintptr_t absmax2, uintptr_t code8, float offset, int64_t N,
-                             int64_t K, int64_t blocksize) {
+                             uintptr_t absmax2, uintptr_t code8, float offset, int64_t blocksize,
+                             int64_t N, int64_t K) {
   NF4Weight w;
   w.packed = ptr<const uint8_t>(packed);
   w.scales = make_scales(absmax, qabsmax, absmax2, code8, offset);
@@ -70,6 +73,23 @@ inline NF4Weight make_weight(uintptr_t packed, uintptr_t absmax, uintptr_t qabsm
 inline DropoutMask make_mask(double p, int64_t seed) {
   if (!(p >= 0.0 && p < 1.0)) throw py::value_error("dropout_p must be in [0, 1)");
   return make_dropout(p, seed);
+}
+
+// The LoRA side of a launch (nf4lora/epilogue.h) from addresses; A == 0: no LoRA term. The
+// forward passes bias, B and u (written), the backward g.
+inline LinearEpilogue make_epilogue(uintptr_t bias, uintptr_t A, uintptr_t B, int64_t r,
+                                    float scaling, double dropout_p, int64_t seed, uintptr_t u,
+                                    uintptr_t g) {
+  LinearEpilogue e;
+  e.bias = ptr<const float>(bias);
+  e.A = ptr<const float>(A);
+  e.B = ptr<const float>(B);
+  e.u = ptr<float>(u);
+  e.g = ptr<const float>(g);
+  e.r = r;
+  e.scaling = scaling;
+  e.drop = make_mask(dropout_p, seed);
+  return e;
 }
 
 }  // namespace bind

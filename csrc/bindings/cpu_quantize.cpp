@@ -30,7 +30,7 @@ void register_cpu_quantize(py::module_& m) {
   m.def(
       "nf4_dequantize",
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
-         float offset, int64_t n, int64_t blocksize, uintptr_t out, int dtype,
+         float offset, int64_t blocksize, int64_t n, uintptr_t out, int dtype,
          const std::string& impl) {
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
@@ -44,7 +44,7 @@ void register_cpu_quantize(py::module_& m) {
         check(s, "nf4_dequantize");
       },
       py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
-      py::arg("code8"), py::arg("offset"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
+      py::arg("code8"), py::arg("offset"), py::arg("blocksize"), py::arg("n"), py::arg("out"),
       py::arg("dtype"), py::arg("impl") = "fast");
 
   // The per-thread NF4 word decode the CUDA kernel runs (nf4.h, __host__ __device__), exposed so

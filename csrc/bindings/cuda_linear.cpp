@@ -35,12 +35,21 @@ py::dict plan_dict(const cuda::LinearPlan& p) {
   return d;
 }
 
+// The epilogue of the host checks, from their (left, right) view: forward U and lora_B, backward
+// G and lora_A (left == 0: no LoRA term).
+LinearEpilogue host_epilogue(bool bwd, uintptr_t bias, uintptr_t left, uintptr_t right, int64_t r,
+                             float scaling, double dropout_p, int64_t seed) {
+  if (left == 0) r = 0;
+  if (bwd) return make_epilogue(bias, right, 0, r, scaling, dropout_p, seed, 0, left);
+  return make_epilogue(bias, 0, right, r, scaling, dropout_p, seed, left, 0);
+}
+
 // ---------------------------------------------------------------- CPU emulation of the GEMM
 // One stage at a time (the pipeline only reorders when copies land); every copy, scale slot,
 // fragment and accumulator coordinate comes from nf4_frag.h, as in gemm_nf4.cu.
 template <DType D, int MF, int NF, int WM, int WN>
 void emulate_gemm_t(bool bwd, const uint8_t* act, int64_t M, const cuda::NF4Weight& w,
-                    const cuda::LinearEpilogue& epi, float* out) {
+                    const LinearEpilogue& epi, float* out) {
   using namespace cuda;
   using Tile = GemmTile<MF, NF, WM, WN, 1>;
   constexpr int BM = Tile::BM, BN = Tile::BN, kWarps = Tile::kWarps;
@@ -108,26 +117,26 @@ void emulate_gemm_t(bool bwd, const uint8_t* act, int64_t M, const cuda::NF4Weig
       // epilogue (LoRA with the tensor-core fragments, mask, bias) -> float32 out
       for (int warp = 0; warp < kWarps; ++warp) {
         const int wm0 = (warp / WN) * 16 * MF, wn0 = (warp % WN) * 8 * NF;
-        if (epi.has_lora()) {
+        if (epi.has_lora(bwd)) {
           for (int64_t j0 = 0; j0 < epi.r; j0 += 16)
             for (int i = 0; i < MF; ++i) {
               uint32_t la[32][4];
               for (int lane = 0; lane < 32; ++lane)
-                frag_lora_a<D>(epi.left, epi.r, M, epi.scaling, m0 + wm0 + 16 * i, j0, lane, la[lane]);
+                frag_lora_a<D>(epi.left(bwd), epi.r, M, epi.scaling, m0 + wm0 + 16 * i, j0, lane, la[lane]);
               for (int f = 0; f < NF; ++f) {
                 uint32_t lb[32][2];
                 float tmp[32][4] = {};
                 for (int lane = 0; lane < 32; ++lane) {
                   const int64_t col = c0 + wn0 + (bwd ? bwd_col(f, lane >> 2, NF) : 8 * f + (lane >> 2));
-                  frag_lora_b<D>(bwd, epi.right, epi.r, ncols, col, j0, lane, lb[lane]);
+                  frag_lora_b<D>(bwd, epi.right(bwd), epi.r, ncols, col, j0, lane, lb[lane]);
                 }
                 mma_host<D>(la, lb, tmp);
                 for (int lane = 0; lane < 32; ++lane)
                   for (int e = 0; e < 4; ++e) {
                     float v = tmp[lane][e];
                     const RowCol rc = acc_coord(bwd, NF, wm0, wn0, i, f, lane, e);
-                    if (bwd && epi.mask.active())
-                      v = epi.mask.apply(epi.mask.row(m0 + rc.row), c0 + rc.col, v);
+                    if (bwd && epi.drop.active())
+                      v = epi.drop.apply(epi.drop.row(m0 + rc.row), c0 + rc.col, v);
                     A(warp, lane, i, f)[e] += v;
                   }
               }
@@ -150,7 +159,7 @@ void emulate_gemm_t(bool bwd, const uint8_t* act, int64_t M, const cuda::NF4Weig
 
 template <DType D>
 void emulate_gemm_d(int cfg, bool bwd, const uint8_t* act, int64_t M, const cuda::NF4Weight& w,
-                    const cuda::LinearEpilogue& epi, float* out) {
+                    const LinearEpilogue& epi, float* out) {
   using cuda::kGemmCfgs;
   static_assert(cuda::kNumGemmCfgs == 3, "emulate every kGemmCfgs row");
   switch (cfg) {
@@ -165,70 +174,64 @@ void emulate_gemm_d(int cfg, bool bwd, const uint8_t* act, int64_t M, const cuda
 
 void register_cuda_linear(py::module_& m) {
   // ------------------------------------------------------------ launchers (device pointers)
+  // The launch convention of nf4lora/epilogue.h, with _C.qlora_forward / qlora_backward_dx's
+  // arguments plus the workspace (linear_workspace_floats elements), the stream and a forced path.
   m.def(
-      "nf4_linear_fwd",
+      "qlora_forward",
       [](uintptr_t x, int dtype, int64_t M, uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
          uintptr_t absmax2, uintptr_t code8, float offset, int64_t blocksize, int64_t N, int64_t K,
-         uintptr_t bias, uintptr_t u, uintptr_t lora_B, int64_t r, float scaling, uintptr_t y,
-         uintptr_t ws, int64_t ws_floats, uintptr_t stream, int force_path) {
-        cuda::LinearEpilogue e;
-        e.bias = ptr<const float>(bias);
-        e.left = ptr<const float>(u);
-        e.right = ptr<const float>(lora_B);
-        e.r = u ? r : 0;
-        e.scaling = scaling;
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
+         uintptr_t bias, uintptr_t A, uintptr_t B, int64_t r, float scaling, double dropout_p,
+         int64_t seed, uintptr_t y, uintptr_t u, uintptr_t ws, int64_t ws_floats, uintptr_t stream,
+         int force_path) {
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const LinearEpilogue e = make_epilogue(bias, A, B, r, scaling, dropout_p, seed, u, 0);
         py::gil_scoped_release nogil;
-        check_cuda(cuda::nf4_linear_fwd(ptr<const void>(x), to_dtype(dtype), M, w, e, ptr<void>(y),
-                                        ptr<float>(ws), ws_floats, cuda::as_stream(stream),
-                                        force_path),
-                   "nf4_linear_fwd");
+        check_cuda(cuda::qlora_forward(ptr<const void>(x), to_dtype(dtype), M, w, e, ptr<void>(y),
+                                       ptr<float>(ws), ws_floats, cuda::as_stream(stream),
+                                       force_path),
+                   "qlora_forward");
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("packed"), py::arg("absmax"),
       py::arg("qabsmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
-      py::arg("blocksize"), py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("u"),
-      py::arg("lora_B"), py::arg("r"), py::arg("scaling"), py::arg("y"), py::arg("ws"),
-      py::arg("ws_floats"), py::arg("stream"), py::arg("force_path") = -1);
+      py::arg("blocksize"), py::arg("N"), py::arg("K"), py::arg("bias"), py::arg("A"), py::arg("B"),
+      py::arg("r"), py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("y"),
+      py::arg("u"), py::arg("ws"), py::arg("ws_floats"), py::arg("stream"),
+      py::arg("force_path") = -1);
   m.def(
-      "nf4_linear_bwd",
+      "qlora_backward_dx",
       [](uintptr_t dy, int dtype, int64_t M, uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax,
          uintptr_t absmax2, uintptr_t code8, float offset, int64_t blocksize, int64_t N, int64_t K,
-         uintptr_t g, uintptr_t lora_A, int64_t r, float scaling, double dropout_p, int64_t seed,
+         uintptr_t A, int64_t r, float scaling, double dropout_p, int64_t seed, uintptr_t g,
          uintptr_t dx, uintptr_t ws, int64_t ws_floats, uintptr_t stream, int force_path) {
-        cuda::LinearEpilogue e;
-        e.left = ptr<const float>(g);
-        e.right = ptr<const float>(lora_A);
-        e.r = g ? r : 0;
-        e.scaling = scaling;
-        e.mask = make_mask(dropout_p, seed);
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const LinearEpilogue e = make_epilogue(0, A, 0, r, scaling, dropout_p, seed, 0, g);
         py::gil_scoped_release nogil;
-        check_cuda(cuda::nf4_linear_bwd(ptr<const void>(dy), to_dtype(dtype), M, w, e,
-                                        ptr<void>(dx), ptr<float>(ws), ws_floats,
-                                        cuda::as_stream(stream), force_path),
-                   "nf4_linear_bwd");
+        check_cuda(cuda::qlora_backward_dx(ptr<const void>(dy), to_dtype(dtype), M, w, e,
+                                           ptr<void>(dx), ptr<float>(ws), ws_floats,
+                                           cuda::as_stream(stream), force_path),
+                   "qlora_backward_dx");
       },
       py::arg("dy"), py::arg("dtype"), py::arg("M"), py::arg("packed"), py::arg("absmax"),
       py::arg("qabsmax"), py::arg("absmax2"), py::arg("code8"), py::arg("offset"),
-      py::arg("blocksize"), py::arg("N"), py::arg("K"), py::arg("g"), py::arg("lora_A"),
-      py::arg("r"), py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("dx"),
+      py::arg("blocksize"), py::arg("N"), py::arg("K"), py::arg("A"), py::arg("r"),
+      py::arg("scaling"), py::arg("dropout_p"), py::arg("seed"), py::arg("g"), py::arg("dx"),
       py::arg("ws"), py::arg("ws_floats"), py::arg("stream"), py::arg("force_path") = -1);
   m.def(
-      "lora_u",
-      [](uintptr_t x, int dtype, int64_t M, int64_t K, uintptr_t lora_A, int64_t r,
-         double dropout_p, int64_t seed, uintptr_t u, uintptr_t stream) {
-        const DropoutMask mask = make_mask(dropout_p, seed);
-        py::gil_scoped_release nogil;
-        check_cuda(cuda::lora_u(ptr<const void>(x), to_dtype(dtype), M, K, ptr<const float>(lora_A),
-                                r, mask, ptr<float>(u), cuda::as_stream(stream)),
-                   "lora_u");
+      "linear_workspace_floats",
+      [](int64_t M, int64_t N, int64_t K, bool bwd, int dtype, bool aligned, int force,
+         int sm_count, int cc) {
+        if (sm_count <= 0)  // the current device (else a given one: no GPU needed)
+          check_cuda(cuda::device_info(&sm_count, &cc), "linear_workspace_floats");
+        return cuda::linear_workspace_floats(M, N, K, bwd, to_dtype(dtype), aligned, sm_count, cc,
+                                             force);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("lora_A"), py::arg("r"),
-      py::arg("dropout_p"), py::arg("seed"), py::arg("u"), py::arg("stream"));
-  m.def("lora_grad_a_ws_floats", [](int64_t M, int64_t K, int64_t r) {
-    const int64_t s = cuda::lora_grad_a_splits(M);
-    return s > 1 ? s * r * K : int64_t{0};
-  });
+      "float32 elements of the workspace qlora_forward (bwd=False) / qlora_backward_dx (bwd=True) "
+      "need (linear_plan.h linear_workspace_floats) on the current device, or with sm_count > 0 "
+      "on a device of that many SMs and compute capability cc",
+      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("bwd"), py::arg("dtype"),
+      py::arg("aligned") = true, py::arg("force") = -1, py::arg("sm_count") = 0, py::arg("cc") = 0);
+  m.def("lora_grad_a_ws_floats", &cuda::lora_grad_a_ws_floats, py::arg("M"), py::arg("K"),
+        py::arg("r"));
   m.def(
       "lora_grad_a",
       [](uintptr_t g, uintptr_t x, int dtype, int64_t M, int64_t K, int64_t r, float scaling,
@@ -327,13 +330,7 @@ void register_cuda_linear(py::module_& m) {
       "host_epilogue_value",
       [](bool bwd, int64_t m, int64_t c, int64_t ncols, float acc, uintptr_t bias, uintptr_t left,
          uintptr_t right, int64_t r, float scaling, double dropout_p, int64_t seed) {
-        cuda::LinearEpilogue e;
-        e.bias = ptr<const float>(bias);
-        e.left = ptr<const float>(left);
-        e.right = ptr<const float>(right);
-        e.r = r;
-        e.scaling = scaling;
-        e.mask = make_mask(dropout_p, seed);
+        const LinearEpilogue e = host_epilogue(bwd, bias, left, right, r, scaling, dropout_p, seed);
         return cuda::epilogue_value(e, bwd, m, c, ncols, acc);
       },
       "Epilogue of one element on host pointers (CPU tensors)");
@@ -347,14 +344,8 @@ void register_cuda_linear(py::module_& m) {
         if (d == DType::kF32) throw py::value_error("the tensor-core path takes f16/bf16");
         if (K % 32 != 0 || (bwd && N % 8 != 0))
           throw py::value_error("the tensor-core path needs K % 32 == 0 (and N % 8 == 0 backward)");
-        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, N, K, blocksize);
-        cuda::LinearEpilogue e;
-        e.bias = ptr<const float>(bias);
-        e.left = ptr<const float>(left);
-        e.right = ptr<const float>(right);
-        e.r = left ? r : 0;
-        e.scaling = scaling;
-        e.mask = make_mask(dropout_p, seed);
+        const auto w = make_weight(packed, absmax, qabsmax, absmax2, code8, offset, blocksize, N, K);
+        const LinearEpilogue e = host_epilogue(bwd, bias, left, right, r, scaling, dropout_p, seed);
         const uint8_t* a = ptr<const uint8_t>(act);
         if (d == DType::kBF16)
           emulate_gemm_d<DType::kBF16>(cfg, bwd, a, M, w, e, ptr<float>(out));

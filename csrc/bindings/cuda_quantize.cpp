@@ -24,14 +24,14 @@ void register_cuda_quantize(py::module_& m) {
   m.def(
       "nf4_dequantize",
       [](uintptr_t packed, uintptr_t absmax, uintptr_t qabsmax, uintptr_t absmax2, uintptr_t code8,
-         float offset, int64_t n, int64_t blocksize, uintptr_t out, int dtype, uintptr_t stream) {
+         float offset, int64_t blocksize, int64_t n, uintptr_t out, int dtype, uintptr_t stream) {
         const NF4Scales sc = make_scales(absmax, qabsmax, absmax2, code8, offset);
         check_cuda(cuda::nf4_dequantize(ptr<const uint8_t>(packed), sc, n, blocksize, ptr<void>(out),
                                         to_dtype(dtype), cuda::as_stream(stream)),
                    "nf4_dequantize");
       },
       py::arg("packed"), py::arg("absmax"), py::arg("qabsmax"), py::arg("absmax2"),
-      py::arg("code8"), py::arg("offset"), py::arg("n"), py::arg("blocksize"), py::arg("out"),
+      py::arg("code8"), py::arg("offset"), py::arg("blocksize"), py::arg("n"), py::arg("out"),
       py::arg("dtype"), py::arg("stream"));
   m.def(
       "absmax_quantize",

@@ -16,11 +16,10 @@ namespace nf4lora {
 
 namespace {
 
-Status check_args(const NF4Weight& w, const LoraArgs* lora, int64_t M, const void* in,
-                  const void* out) {
+Status check_args(const NF4Weight& w, const LinearEpilogue& epi, bool bwd, int64_t M,
+                  const void* in, const void* out) {
   if (Status s = w.check(); s != Status::kOk) return s;
-  if (lora && (!lora->A || !lora->B)) return Status::kNullPointer;
-  if (lora && lora->r <= 0) return Status::kBadSize;
+  if (Status s = epi.check(bwd); s != Status::kOk) return s;
   if (!in || !out) return Status::kNullPointer;
   if (M <= 0) return Status::kBadSize;
   return Status::kOk;
@@ -52,7 +51,7 @@ void permute_even_odd(const float* x, int64_t n, int group, float* xp) {
 thread_local KeptBuf t_gemm_out, t_gemm_in;
 
 // u [M, r] = D(x) A^T
-void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LoraArgs& lora, float* u) {
+void lora_u(const void* x, DType dtype, int64_t M, int64_t K, const LinearEpilogue& lora, float* u) {
   // A parallel region costs a fork/join; for a few rows one thread is cheaper.
 #pragma omp parallel if (M * K * lora.r >= (1 << 20))
   {
@@ -95,13 +94,15 @@ const char* backward_path(int64_t M, int64_t N, int64_t K, DType dtype) {
 }
 
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
-                         const float* bias, const LoraArgs* lora, void* y, float* u) {
-  if (Status s = check_args(w, lora, M, x, y); s != Status::kOk) return s;
-  if (lora && !u) return Status::kNullPointer;
-  if (!use_avx2()) return qlora_forward_ref(x, dtype, M, w, bias, lora, y, u);
+                         const LinearEpilogue& epi, void* y) {
+  if (Status s = check_args(w, epi, false, M, x, y); s != Status::kOk) return s;
+  if (!use_avx2()) return qlora_forward_ref(x, dtype, M, w, epi, y);
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype); t && M >= kBf16TileMinRows)
-    return bf16lin::forward(*t, static_cast<const uint16_t*>(x), M, w, bias, lora,
-                            static_cast<uint16_t*>(y), u);
+    return bf16lin::forward(*t, static_cast<const uint16_t*>(x), M, w, epi,
+                            static_cast<uint16_t*>(y));
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
+  const float* bias = epi.bias;
+  float* u = epi.u;
   const int64_t N = w.N, K = w.K;
   const int64_t r = lora ? lora->r : 0;
   if (lora) lora_u(x, dtype, M, K, *lora, u);
@@ -159,13 +160,14 @@ Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight&
 }
 
 Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                             const LoraArgs* lora, const float* g, void* dx) {
-  if (Status s = check_args(w, lora, M, dy, dx); s != Status::kOk) return s;
-  if (lora && !g) return Status::kNullPointer;
-  if (!use_avx2()) return qlora_backward_dx_ref(dy, dtype, M, w, lora, g, dx);
+                             const LinearEpilogue& epi, void* dx) {
+  if (Status s = check_args(w, epi, true, M, dy, dx); s != Status::kOk) return s;
+  if (!use_avx2()) return qlora_backward_dx_ref(dy, dtype, M, w, epi, dx);
   if (const bf16lin::TileKernel* t = bf16_kernel(dtype))
-    return bf16lin::backward_dx(*t, static_cast<const uint16_t*>(dy), M, w, lora, g,
+    return bf16lin::backward_dx(*t, static_cast<const uint16_t*>(dy), M, w, epi,
                                 static_cast<uint16_t*>(dx));
+  const LinearEpilogue* lora = epi.has_lora(true) ? &epi : nullptr;
+  const float* g = epi.g;
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = (K + 15) / 16 * 16;
   // fp32 dy is read in place; fp32 dx with K % 16 == 0 is the accumulator itself.

@@ -23,10 +23,12 @@ constexpr int64_t kGemv512MaxRows = 8;  // AVX-512 GEMV rows; above them the AVX
 // has one; fewer rows take the exact fp32 GEMV (bench/bench_linear.py)
 constexpr int64_t kBf16TileMinRows = 3;  // M = 2: the GEMV streams faster
 
+// The launch convention of nf4lora/epilogue.h: the forward computes the shrink epi.u = D(x) A^T
+// itself, then y = x W^T + bias + s u B^T; the backward takes epi.g = dy B.
 Status qlora_forward_cpu(const void* x, DType dtype, int64_t M, const NF4Weight& w,
-                         const float* bias, const LoraArgs* lora, void* y, float* u);
+                         const LinearEpilogue& epi, void* y);
 Status qlora_backward_dx_cpu(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                             const LoraArgs* lora, const float* g, void* dx);
+                             const LinearEpilogue& epi, void* dx);
 Status lora_grad_a_cpu(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,
                        float scaling, const DropoutMask& drop, float* dA);
 

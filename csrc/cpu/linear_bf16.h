@@ -41,11 +41,11 @@ extern const TileKernel kDpbf16Kernel;  // linear_avx512bf16.cpp: use_avx512bf16
 // qlora_forward_bf16w_ref (linear_bf16_fwd_avx512.cpp). y^T tiles: A = decoded W rows, B = x in
 // VNNI tiles.
 Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4Weight& w,
-               const float* bias, const LoraArgs* lora, uint16_t* y, float* u);
+               const LinearEpilogue& epi, uint16_t* y);
 // dx [M, K] (bf16) = dy W + s D(g A), as qlora_backward_dx_bf16w_ref (linear_bf16_bwd_avx512.cpp).
 // A = dy rows (packed into tiles), B = decoded W row pairs interleaved into VNNI tiles.
 Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const NF4Weight& w,
-                   const LoraArgs* lora, const float* g, uint16_t* dx);
+                   const LinearEpilogue& epi, uint16_t* dx);
 
 }  // namespace bf16lin
 }  // namespace nf4lora

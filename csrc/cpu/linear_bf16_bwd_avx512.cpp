@@ -26,7 +26,9 @@ inline BwdShape bwd_shape(int64_t Mp) { return Mp <= 64 ? BwdShape{512, 8} : Bwd
 }  // namespace
 
 Status backward_dx(const TileKernel& kern, const uint16_t* dy, int64_t M, const NF4Weight& w,
-                   const LoraArgs* lora, const float* g, uint16_t* dx) {
+                   const LinearEpilogue& epi, uint16_t* dx) {
+  const LinearEpilogue* lora = epi.has_lora(true) ? &epi : nullptr;
+  const float* g = epi.g;
   const int64_t N = w.N, K = w.K;
   const int64_t Np = round_up(N, 32), Mp = round_up(M, 16), Kp = round_up(K, 32), nsteps = Np / 32;
   const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));

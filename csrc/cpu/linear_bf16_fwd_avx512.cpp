@@ -29,7 +29,7 @@ inline FwdShape fwd_shape(int64_t Mp, const TileKernel& kern) {
   return Mp <= 64 ? FwdShape{32, kKCS} : FwdShape{128, 2 * kern.sub_steps};
 }
 
-void lora_shrink_row(const uint16_t* xr, int64_t m, int64_t K, const LoraArgs& lora, float* row, float* um) {
+void lora_shrink_row(const uint16_t* xr, int64_t m, int64_t K, const LinearEpilogue& lora, float* row, float* um) {
   const bool drop = lora.drop.active();
   const uint32_t rh = drop ? lora.drop.row(m) : 0;
   int64_t k = 0;
@@ -81,7 +81,10 @@ void forward_epilogue(const float* acc, int64_t Mp, int64_t M, int64_t N, int64_
 }  // namespace
 
 Status forward(const TileKernel& kern, const uint16_t* x, int64_t M, const NF4Weight& w,
-               const float* bias, const LoraArgs* lora, uint16_t* y, float* u) {
+               const LinearEpilogue& epi, uint16_t* y) {
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
+  const float* bias = epi.bias;
+  float* u = epi.u;
   const int64_t N = w.N, K = w.K;
   const int64_t Kp = round_up(K, 32), Mp = round_up(M, 16), ksteps = Kp / 32;
   const int lb = __builtin_ctzll(static_cast<uint64_t>(w.blocksize));

@@ -177,32 +177,32 @@ __global__ void __launch_bounds__(32 * WM * WN, 1)
 
   // ------------------------------------------------------------------ epilogue
   const bool partial = gridDim.z > 1;
-  if (!partial && epi.has_lora()) {
+  if (!partial && epi.has_lora(BWD)) {
     uint32_t row_hash[MF][2];
 #pragma unroll
     for (int i = 0; i < MF; ++i)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        row_hash[i][h] = epi.mask.row(m0 + wm0 + 16 * i + (lane >> 2) + 8 * h);
+        row_hash[i][h] = epi.drop.row(m0 + wm0 + 16 * i + (lane >> 2) + 8 * h);
     for (int64_t j0 = 0; j0 < epi.r; j0 += 16) {
       uint32_t la[MF][4];
 #pragma unroll
       for (int i = 0; i < MF; ++i)
-        frag_lora_a<D>(epi.left, epi.r, M, epi.scaling, m0 + wm0 + 16 * i, j0, lane, la[i]);
+        frag_lora_a<D>(epi.left(BWD), epi.r, M, epi.scaling, m0 + wm0 + 16 * i, j0, lane, la[i]);
 #pragma unroll
       for (int f = 0; f < NF; ++f) {
         const int64_t col = c0 + wn0 + (BWD ? bwd_col(f, lane >> 2, NF) : 8 * f + (lane >> 2));
         uint32_t lb[2];
-        frag_lora_b<D>(BWD, epi.right, epi.r, ncols, col, j0, lane, lb);
+        frag_lora_b<D>(BWD, epi.right(BWD), epi.r, ncols, col, j0, lane, lb);
 #pragma unroll
         for (int i = 0; i < MF; ++i) {
           float tmp[4] = {0.0f, 0.0f, 0.0f, 0.0f};
           mma16816<D>(tmp, la[i], lb);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            if (BWD && epi.mask.active()) {
+            if (BWD && epi.drop.active()) {
               const RowCol rc = acc_coord(true, NF, wm0, wn0, i, f, lane, e);
-              tmp[e] = epi.mask.apply(row_hash[i][e >> 1], c0 + rc.col, tmp[e]);
+              tmp[e] = epi.drop.apply(row_hash[i][e >> 1], c0 + rc.col, tmp[e]);
             }
             acc[i][f][e] += tmp[e];
           }

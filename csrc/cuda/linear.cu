@@ -1,5 +1,6 @@
-// CUDA NF4 linear launchers: argument checks, the plan (linear_plan.h), then the chosen path
-// (gemv_nf4.cu, gemm_nf4.cu, linear_simt.cu) and, with split-K, the finalize pass.
+// CUDA NF4 linear launchers: argument checks, the plan (linear_plan.h), the forward's LoRA shrink
+// U = D(x) A^T (linear_simt.cu), then the chosen path (gemv_nf4.cu, gemm_nf4.cu, linear_simt.cu)
+// and, with split-K, the finalize pass.
 #include "cuda/launch.h"
 #include "cuda/linear.h"
 
@@ -16,14 +17,6 @@ Status check_weight(const NF4Weight& w) {
   return w.scales.check();
 }
 
-Status check_epilogue(const LinearEpilogue& e) {
-  if (e.left != nullptr || e.r != 0) {
-    if (e.r <= 0) return Status::kBadArgument;
-    if (e.left == nullptr || e.right == nullptr) return Status::kNullPointer;
-  }
-  return Status::kOk;
-}
-
 Status run(bool bwd, const void* a, DType dt, int64_t M, const NF4Weight& w,
            const LinearEpilogue& epi, void* out, float* ws, int64_t ws_floats, cudaStream_t stream,
            int force) {
@@ -32,7 +25,7 @@ Status run(bool bwd, const void* a, DType dt, int64_t M, const NF4Weight& w,
   if (a == nullptr || out == nullptr) return Status::kNullPointer;
   Status s = check_weight(w);
   if (s != Status::kOk) return s;
-  s = check_epilogue(epi);
+  s = epi.check(bwd);
   if (s != Status::kOk) return s;
   if (force < -1 || force > 2) return Status::kBadArgument;
   const bool aligned = aligned16(a) && aligned16(out) && aligned16(w.packed);
@@ -40,7 +33,12 @@ Status run(bool bwd, const void* a, DType dt, int64_t M, const NF4Weight& w,
   s = linear_plan_current(M, w.N, w.K, bwd, dt, aligned, &p, force);
   if (s != Status::kOk) return s;
   if (!p.ok) return Status::kUnsupported;
+  // p.ws_floats is linear_workspace_floats(...) of this launch: what Python allocated `ws` from
   if (p.ws_floats > 0 && (ws == nullptr || ws_floats < p.ws_floats)) return Status::kBadSize;
+  if (!bwd && epi.has_lora(false)) {  // the shrink first: the expand in the epilogue reads U
+    s = launch_lora_u(a, dt, M, w.K, epi, stream);
+    if (s != Status::kOk) return s;
+  }
   switch (p.path) {
     case LinearPath::kGemv: s = launch_gemv(p, a, dt, M, w, epi, out, ws, stream); break;
     case LinearPath::kGemm: s = launch_gemm(p, bwd, a, dt, M, w, epi, out, ws, stream); break;
@@ -83,16 +81,15 @@ Status linear_plan_current(int64_t M, int64_t N, int64_t K, bool bwd, DType dt, 
   return Status::kOk;
 }
 
-Status nf4_linear_fwd(const void* x, DType dt, int64_t M, const NF4Weight& w,
-                      const LinearEpilogue& epi, void* y, float* ws, int64_t ws_floats,
-                      cudaStream_t stream, int force_path) {
-  if (epi.mask.active()) return Status::kBadArgument;  // the forward's dropout lives in U
+Status qlora_forward(const void* x, DType dt, int64_t M, const NF4Weight& w,
+                     const LinearEpilogue& epi, void* y, float* ws, int64_t ws_floats,
+                     cudaStream_t stream, int force_path) {
   return run(false, x, dt, M, w, epi, y, ws, ws_floats, stream, force_path);
 }
 
-Status nf4_linear_bwd(const void* dy, DType dt, int64_t M, const NF4Weight& w,
-                      const LinearEpilogue& epi, void* dx, float* ws, int64_t ws_floats,
-                      cudaStream_t stream, int force_path) {
+Status qlora_backward_dx(const void* dy, DType dt, int64_t M, const NF4Weight& w,
+                         const LinearEpilogue& epi, void* dx, float* ws, int64_t ws_floats,
+                         cudaStream_t stream, int force_path) {
   if (epi.bias != nullptr) return Status::kBadArgument;  // no bias in dx
   return run(true, dy, dt, M, w, epi, dx, ws, ws_floats, stream, force_path);
 }

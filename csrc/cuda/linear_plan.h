@@ -154,5 +154,24 @@ inline LinearPlan plan_linear(int64_t M, int64_t N, int64_t K, bool bwd, DType d
   return p;
 }
 
+// The float32 workspace a launch needs (the split-K partials), the one definition of its size:
+// the binding that Python sizes the allocation with and the launcher's own check both call it.
+inline int64_t linear_workspace_floats(int64_t M, int64_t N, int64_t K, bool bwd, DType dt,
+                                       bool aligned, int sm_count, int cc, int force = -1) {
+  return plan_linear(M, N, K, bwd, dt, aligned, sm_count, cc, force).ws_floats;
+}
+
+// lora_grad_a (linear_simt.cu): M split into lora_grad_a_splits(M) row ranges whose partial dA
+// [r, K] go to a float32 workspace of lora_grad_a_ws_floats(M, K, r) elements (0: none needed).
+inline int64_t lora_grad_a_splits(int64_t M) {
+  // ~1024 rows per split, at most 32 splits: enough blocks at K = 4096 (64 column blocks).
+  const int64_t s = ceil_div(M, 1024);
+  return s < 1 ? 1 : (s > 32 ? 32 : s);
+}
+inline int64_t lora_grad_a_ws_floats(int64_t M, int64_t K, int64_t r) {
+  const int64_t s = lora_grad_a_splits(M);
+  return s > 1 ? s * r * K : 0;
+}
+
 }  // namespace cuda
 }  // namespace nf4lora

@@ -4,7 +4,8 @@
 //       thread, reduction tile 16; W elements fetched one by one through nf4_element(). The slow,
 //       always-correct path (awkward K, unaligned pointers, fp32 activations at M > 16, pre-sm_80).
 //   finalize_kernel: sums split-K partials [splits, M, ncols] and applies the epilogue.
-//   lora_u_kernel: U [M, r] = D(x) A^T (float32), 64 rows x 16 ranks per block.
+//   lora_u_kernel: U [M, r] = D(x) A^T (float32), 64 rows x 16 ranks per block: the LoRA shrink
+//       every forward launch with a LoRA term runs first (linear.cu), into the caller's u.
 //   lora_grad_a_kernel: partial dA over an M-split, then a reduce kernel (deterministic order).
 // Register / shared-memory report (nvcc 13.0, -Xptxas -v): see the block at the end of this file.
 #include "cuda/launch.h"
@@ -237,21 +238,13 @@ Status launch_finalize(int splits, const float* ws, bool bwd, DType dt, int64_t 
   return last_launch_status();
 }
 
-Status lora_u(const void* x, DType dt, int64_t M, int64_t K, const float* lora_A, int64_t r,
-              const DropoutMask& mask, float* u, cudaStream_t stream) {
-  if (M <= 0 || K <= 0 || r <= 0) return Status::kBadSize;
-  if (!x || !lora_A || !u) return Status::kNullPointer;
-  const int64_t gx = ceil_div(M, kLuRows), gy = ceil_div(r, kLuRanks);
+Status launch_lora_u(const void* x, DType dt, int64_t M, int64_t K, const LinearEpilogue& epi,
+                     cudaStream_t stream) {
+  const int64_t gx = ceil_div(M, kLuRows), gy = ceil_div(epi.r, kLuRanks);
   if (gx > 0x7fffffff || gy > 65535) return Status::kBadSize;
   lora_u_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kLuThreads, 0,
-                  stream>>>(x, dt, M, K, lora_A, r, mask, u);
+                  stream>>>(x, dt, M, K, epi.A, epi.r, epi.drop, epi.u);
   return last_launch_status();
-}
-
-int64_t lora_grad_a_splits(int64_t M) {
-  // ~1024 rows per split, at most 32 splits: enough blocks at K = 4096 (64 column blocks).
-  int64_t s = ceil_div(M, 1024);
-  return s < 1 ? 1 : (s > 32 ? 32 : s);
 }
 
 Status lora_grad_a(const float* g, const void* x, DType dt, int64_t M, int64_t K, int64_t r,

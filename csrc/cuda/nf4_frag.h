@@ -17,6 +17,7 @@
 
 #include "nf4lora/dropout.h"
 #include "nf4lora/dtype.h"
+#include "nf4lora/epilogue.h"
 #include "nf4lora/layout.h"
 #include "nf4lora/nf4.h"
 
@@ -389,26 +390,18 @@ inline void mma_host(const uint32_t a[32][4], const uint32_t b[32][2], float c[3
 //   forward:  y[m, n]  = acc + bias[n] + scaling * sum_j U[m, j] B[n, j]       (U = D(x) A^T)
 //   backward: dx[m, k] = acc + scaling * D(sum_j G[m, j] A[j, k])               (G = dy B)
 // The mma GEMM computes the LoRA sum with tensor cores (lora_mma_* below) and the rest here; the
-// GEMV, SIMT and split-K finalize paths compute all of it with lora_dot.
-struct LinearEpilogue {
-  const float* bias = nullptr;   // [N] float32 (forward only) or null
-  const float* left = nullptr;   // forward: U [M, r]; backward: G [M, r]; float32; null: no LoRA
-  const float* right = nullptr;  // forward: lora_B [N, r]; backward: lora_A [r, K]; float32
-  int64_t r = 0;
-  float scaling = 0.0f;
-  DropoutMask mask;              // backward only (the forward's mask is inside U)
-  NF4LORA_HD bool has_lora() const { return left != nullptr && r > 0; }
-};
+// GEMV, SIMT and split-K finalize paths compute all of it with lora_dot. The arguments are the
+// shared LinearEpilogue (nf4lora/epilogue.h); the forward's U was written by the launch's shrink.
 
-// sum_j left[m, j] * right(c, j), in float32, j ascending.
+// sum_j left[m, j] * right(c, j) (left = U or G, right = B or A), in float32, j ascending.
 NF4LORA_HD float lora_dot(const LinearEpilogue& e, bool bwd, int64_t m, int64_t c, int64_t ncols) {
   float s = 0.0f;
-  const float* l = e.left + m * e.r;
+  const float* l = e.left(bwd) + m * e.r;
   if (!bwd) {
-    const float* b = e.right + c * e.r;
+    const float* b = e.B + c * e.r;
     for (int64_t j = 0; j < e.r; ++j) s += l[j] * b[j];
   } else {
-    for (int64_t j = 0; j < e.r; ++j) s += l[j] * e.right[j * ncols + c];
+    for (int64_t j = 0; j < e.r; ++j) s += l[j] * e.A[j * ncols + c];
   }
   return s;
 }
@@ -417,9 +410,9 @@ NF4LORA_HD float lora_dot(const LinearEpilogue& e, bool bwd, int64_t m, int64_t 
 NF4LORA_HD float epilogue_value(const LinearEpilogue& e, bool bwd, int64_t m, int64_t c,
                                 int64_t ncols, float acc) {
   float v = acc;
-  if (e.has_lora()) {
+  if (e.has_lora(bwd)) {
     float t = lora_dot(e, bwd, m, c, ncols);
-    if (bwd && e.mask.active()) t = e.mask.apply(e.mask.row(m), c, t);
+    if (bwd && e.drop.active()) t = e.drop.apply(e.drop.row(m), c, t);
     v += e.scaling * t;
   }
   if (!bwd && e.bias != nullptr) v += e.bias[c];

@@ -7,24 +7,20 @@
 namespace nf4lora {
 
 namespace {
-Status check_lora(const LoraArgs* lora) {
-  if (!lora) return Status::kOk;
-  if (!lora->A || !lora->B) return Status::kNullPointer;
-  if (lora->r <= 0) return Status::kBadSize;
-  return Status::kOk;
-}
-
 // W[n, k] exactly, or rounded to bf16 as the bf16 paths decode it (dequantize_nf4(q, bfloat16))
 float weight(const NF4Weight& w, int64_t n, int64_t k, bool bf16w) {
   const float v = w.at(n, k);
   return bf16w ? bf16_to_f32(f32_to_bf16(v)) : v;
 }
 
-Status forward_impl(const void* x, DType dtype, int64_t M, const NF4Weight& w, const float* bias,
-                    const LoraArgs* lora, void* y, float* u, bool bf16w) {
+Status forward_impl(const void* x, DType dtype, int64_t M, const NF4Weight& w,
+                    const LinearEpilogue& epi, void* y, bool bf16w) {
   if (Status s = w.check(); s != Status::kOk) return s;
-  if (Status s = check_lora(lora); s != Status::kOk) return s;
-  if (!x || !y || (lora && !u)) return Status::kNullPointer;
+  if (Status s = epi.check(false); s != Status::kOk) return s;
+  if (!x || !y) return Status::kNullPointer;
+  const LinearEpilogue* lora = epi.has_lora(false) ? &epi : nullptr;
+  const float* bias = epi.bias;
+  float* u = epi.u;
   if (M <= 0) return Status::kBadSize;
   const int64_t N = w.N, K = w.K;
   std::vector<float> xd(K);
@@ -57,10 +53,12 @@ Status forward_impl(const void* x, DType dtype, int64_t M, const NF4Weight& w, c
 }
 
 Status backward_dx_impl(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                        const LoraArgs* lora, const float* g, void* dx, bool bf16w) {
+                        const LinearEpilogue& epi, void* dx, bool bf16w) {
   if (Status s = w.check(); s != Status::kOk) return s;
-  if (Status s = check_lora(lora); s != Status::kOk) return s;
-  if (!dy || !dx || (lora && !g)) return Status::kNullPointer;
+  if (Status s = epi.check(true); s != Status::kOk) return s;
+  if (!dy || !dx) return Status::kNullPointer;
+  const LinearEpilogue* lora = epi.has_lora(true) ? &epi : nullptr;
+  const float* g = epi.g;
   if (M <= 0) return Status::kBadSize;
   const int64_t N = w.N, K = w.K;
   for (int64_t m = 0; m < M; ++m) {
@@ -83,20 +81,20 @@ Status backward_dx_impl(const void* dy, DType dtype, int64_t M, const NF4Weight&
 }  // namespace
 
 Status qlora_forward_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
-                         const float* bias, const LoraArgs* lora, void* y, float* u) {
-  return forward_impl(x, dtype, M, w, bias, lora, y, u, false);
+                         const LinearEpilogue& epi, void* y) {
+  return forward_impl(x, dtype, M, w, epi, y, false);
 }
 Status qlora_forward_bf16w_ref(const void* x, DType dtype, int64_t M, const NF4Weight& w,
-                               const float* bias, const LoraArgs* lora, void* y, float* u) {
-  return forward_impl(x, dtype, M, w, bias, lora, y, u, true);
+                               const LinearEpilogue& epi, void* y) {
+  return forward_impl(x, dtype, M, w, epi, y, true);
 }
 Status qlora_backward_dx_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                             const LoraArgs* lora, const float* g, void* dx) {
-  return backward_dx_impl(dy, dtype, M, w, lora, g, dx, false);
+                             const LinearEpilogue& epi, void* dx) {
+  return backward_dx_impl(dy, dtype, M, w, epi, dx, false);
 }
 Status qlora_backward_dx_bf16w_ref(const void* dy, DType dtype, int64_t M, const NF4Weight& w,
-                                   const LoraArgs* lora, const float* g, void* dx) {
-  return backward_dx_impl(dy, dtype, M, w, lora, g, dx, true);
+                                   const LinearEpilogue& epi, void* dx) {
+  return backward_dx_impl(dy, dtype, M, w, epi, dx, true);
 }
 
 Status lora_grad_a_ref(const float* g, const void* x, DType dtype, int64_t M, int64_t K, int64_t r,

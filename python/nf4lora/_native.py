@@ -90,3 +90,12 @@ def cuda_available() -> bool:
 def addr(t):
     """Raw address of an optional tensor (0 for None)."""
     return 0 if t is None else t.data_ptr()
+
+
+def nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize):
+    """The NF4 state as every binding takes it, in the op schemas' order: (packed, absmax, qabsmax,
+    absmax2, code8, offset, blocksize) addresses and values; the shape (n, or N, K) follows."""
+    nested = absmax2 is not None
+    return (packed.data_ptr(), 0 if nested else absmax.data_ptr(),
+            absmax.data_ptr() if nested else 0, addr(absmax2), addr(code8), float(offset),
+            int(blocksize))

@@ -90,11 +90,12 @@ def test_forced_paths_poisoned(path, blocksize, dq):
     assert plan["ok"] and plan["path"] == path
     ws = torch.full((max(plan["ws_floats"], 1),), float("nan"), device=DEV)
     nested = q.double_quant
-    _C_cuda.nf4_linear_fwd(x.data_ptr(), 2, M, q.packed.data_ptr(),
-                           0 if nested else q.absmax.data_ptr(), q.absmax.data_ptr() if nested else 0,
-                           q.absmax2.data_ptr() if nested else 0, q.code8.data_ptr() if nested else 0,
-                           q.offset, blocksize, N, K, 0, 0, 0, 0, 0.0, y.data_ptr(), ws.data_ptr(),
-                           ws.numel(), torch.cuda.current_stream().cuda_stream, PATHS[path])
+    _C_cuda.qlora_forward(x.data_ptr(), 2, M, q.packed.data_ptr(),
+                          0 if nested else q.absmax.data_ptr(), q.absmax.data_ptr() if nested else 0,
+                          q.absmax2.data_ptr() if nested else 0, q.code8.data_ptr() if nested else 0,
+                          q.offset, blocksize, N, K, 0, 0, 0, 0, 0.0, 0.0, 0, y.data_ptr(), 0,
+                          ws.data_ptr(), ws.numel(), torch.cuda.current_stream().cuda_stream,
+                          PATHS[path])
     torch.cuda.synchronize()
     ref = x.double() @ wd.double().t()
     check_close(y, ref, torch.bfloat16, x @ wd.bfloat16().t())
@@ -143,9 +144,8 @@ def test_dropout_matches_default_bit_for_bit_in_mask():
     x = torch.randn(M, K, device=DEV)
     A = torch.randn(r, K, device=DEV)
     seed = torch.tensor(123, dtype=torch.int64)
-    u = torch.empty(M, r, device=DEV)
-    _C_cuda.lora_u(x.data_ptr(), 0, M, K, A.data_ptr(), r, p, 123, u.data_ptr(),
-                   torch.cuda.current_stream().cuda_stream)
+    B = torch.randn(N, r, device=DEV)
+    _, u = torch.ops.nf4lora.qlora_fwd(x, *state(q), N, A, B, 0.5, None, p, seed)  # u: the shrink
     xd = default.apply_dropout(x, p, seed)
     torch.testing.assert_close(u, xd @ A.t(), rtol=1e-5, atol=1e-4)
     g = torch.randn(M, r, device=DEV)
@@ -191,17 +191,19 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         torch.ops.nf4lora.nf4_linear(x, *state(q), 64, torch.zeros(63, device=DEV))
     with pytest.raises(ValueError):  # null output pointer
-        _C_cuda.nf4_linear_fwd(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
-                               q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 64, 64, 128, 0, 0, 0,
-                               0, 0.0, 0, 0, 0, torch.cuda.current_stream().cuda_stream)
+        _C_cuda.qlora_forward(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
+                              q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 64, 64, 128, 0, 0, 0,
+                              0, 0.0, 0.0, 0, 0, 0, 0, 0, torch.cuda.current_stream().cuda_stream)
     with pytest.raises(ValueError):  # bad blocksize
-        _C_cuda.nf4_linear_fwd(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
-                               q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 48, 64, 128, 0, 0, 0,
-                               0, 0.0, x.data_ptr(), 0, 0, torch.cuda.current_stream().cuda_stream)
+        _C_cuda.qlora_forward(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
+                              q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 48, 64, 128, 0, 0, 0,
+                              0, 0.0, 0.0, 0, x.data_ptr(), 0, 0, 0,
+                              torch.cuda.current_stream().cuda_stream)
     with pytest.raises(RuntimeError):  # forced path not eligible -> kUnsupported
-        _C_cuda.nf4_linear_fwd(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
-                               q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 64, 64, 128, 0, 0, 0,
-                               0, 0.0, x.data_ptr(), 0, 0, torch.cuda.current_stream().cuda_stream, 1)
+        _C_cuda.qlora_forward(x.data_ptr(), 2, 4, q.packed.data_ptr(), 0, q.absmax.data_ptr(),
+                              q.absmax2.data_ptr(), q.code8.data_ptr(), q.offset, 64, 64, 128, 0, 0, 0,
+                              0, 0.0, 0.0, 0, x.data_ptr(), 0, 0, 0,
+                              torch.cuda.current_stream().cuda_stream, 1)
 
 
 def test_opcheck():

@@ -113,7 +113,7 @@ def test_poisoned_outputs_fully_written(make_gen):
             for odt in DTYPES:
                 out = torch.full((n + guard,), float("nan"), dtype=odt, device="cuda")
                 _C_cuda.nf4_dequantize(p_ref.cuda().data_ptr(), a_ref.cuda().data_ptr(), 0, 0, 0,
-                                       0.0, n, bs, out.data_ptr(), DTYPE_CODE[odt], stream())
+                                       0.0, bs, n, out.data_ptr(), DTYPE_CODE[odt], stream())
                 torch.cuda.synchronize()
                 ref = cpu_be.dequantize_nf4(p_ref, a_ref, None, None, 0.0, bs, [n], odt, impl="ref")
                 assert_bits_equal(out[:n], ref)

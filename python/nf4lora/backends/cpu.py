@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .._native import DTYPE_CODE, _C, addr
+from .._native import DTYPE_CODE, _C, nf4_state_args
 from . import default
 from .state import (check_dequantize_absmax_args, check_nf4_state, check_out_dtype,
                     check_quantize_absmax_args, check_quantize_args)
@@ -62,10 +62,8 @@ def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dty
     if dtype not in DTYPE_CODE:
         return default.dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype)
-    nested = absmax2 is not None
-    _C.nf4_dequantize(packed.data_ptr(), 0 if nested else absmax.data_ptr(),
-                      absmax.data_ptr() if nested else 0, addr(absmax2), addr(code8), offset,
-                      math.prod(shape), blocksize, out.data_ptr(), DTYPE_CODE[dtype], impl)
+    _C.nf4_dequantize(*nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize),
+                      math.prod(shape), out.data_ptr(), DTYPE_CODE[dtype], impl)
     return out
 
 

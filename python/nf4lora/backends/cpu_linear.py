@@ -5,17 +5,11 @@ anything the kernels do not take go to the pure-torch default backend.
 """
 import torch
 
-from .._native import DTYPE_CODE, _C, addr
+from .._native import DTYPE_CODE, _C, addr, nf4_state_args
 from . import default
 from .state import check_linear_args, seed_value
 
 OP = "nf4lora::"
-
-
-def _w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize):
-    nested = absmax2 is not None
-    return (packed.data_ptr(), 0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            addr(absmax2), addr(code8), offset, N, K, blocksize)
 
 
 def qlora_forward(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, lora_A,
@@ -31,7 +25,7 @@ def qlora_forward(x, packed, absmax, absmax2, code8, offset, blocksize, out_feat
     u = torch.empty((M, r), dtype=torch.float32)
     if M > 0:
         _C.qlora_forward(x.data_ptr(), DTYPE_CODE[x.dtype], M,
-                         *_w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize),
+                         *nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
                          addr(bias), addr(lora_A), addr(lora_B), r, scaling, dropout_p,
                          seed_value(dropout_p, seed), y.data_ptr(), u.data_ptr() if r else 0, impl)
     return y, u
@@ -66,7 +60,7 @@ def qlora_backward_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_
     r = 0 if lora_A is None else lora_A.shape[0]
     if M > 0:
         _C.qlora_backward_dx(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
-                             *_w_args(packed, absmax, absmax2, code8, offset, N, K, blocksize),
+                             *nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
                              addr(lora_A), r, scaling, dropout_p, seed_value(dropout_p, seed),
                              addr(None if g is None else g.contiguous()) if r else 0,
                              dx.data_ptr(), impl)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from .._native import DTYPE_CODE, _C_cuda, addr
+from .._native import DTYPE_CODE, _C_cuda, addr, nf4_state_args
 from . import default
 from .state import (check_nf4_state, check_out_dtype, check_quantize_absmax_args,
                     check_quantize_args)
@@ -53,12 +53,10 @@ def dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dty
     if dtype not in DTYPE_CODE:
         return default.dequantize_nf4(packed, absmax, absmax2, code8, offset, blocksize, shape, dtype)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    nested = absmax2 is not None
     with torch.cuda.device(packed.device):
-        _C_cuda.nf4_dequantize(packed.data_ptr(), 0 if nested else absmax.data_ptr(),
-                               absmax.data_ptr() if nested else 0, addr(absmax2), addr(code8),
-                               offset, math.prod(shape), blocksize, out.data_ptr(),
-                               DTYPE_CODE[dtype], _stream(packed))
+        _C_cuda.nf4_dequantize(*nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize),
+                               math.prod(shape), out.data_ptr(), DTYPE_CODE[dtype],
+                               _stream(packed))
     return out
 
 
@@ -74,16 +72,13 @@ _register()
 
 
 # ---------------------------------------------------------------------------------------------
-# Linear ops (see _ops.py): nf4lora._C_cuda's fused NF4 linear. The launcher picks GEMV / tensor-
-# core GEMM / SIMT fallback (csrc/cuda/linear_plan.h); Python allocates outputs and the split-K
-# workspace. float64 (and anything else the kernels do not take) goes to the pure-torch default.
+# Linear ops (see _ops.py): nf4lora._C_cuda's fused NF4 linear, with the CPU's launch convention
+# (csrc/include/nf4lora/epilogue.h): the forward launch does the LoRA shrink u = D(x) A^T itself,
+# then base + expand. The launcher picks GEMV / tensor-core GEMM / SIMT fallback
+# (csrc/cuda/linear_plan.h); Python allocates the outputs and the split-K workspace (its size from
+# linear_workspace_floats). float64 (and anything else the kernels do not take) goes to the
+# pure-torch default.
 from .state import check_linear_args, seed_value  # noqa: E402
-
-
-def _w_args(packed, absmax, absmax2, code8, offset, blocksize):
-    nested = absmax2 is not None
-    return (packed.data_ptr(), 0 if nested else absmax.data_ptr(), absmax.data_ptr() if nested else 0,
-            addr(absmax2), addr(code8), float(offset), int(blocksize))
 
 
 def _aligned(*tensors):
@@ -91,34 +86,38 @@ def _aligned(*tensors):
 
 
 def _workspace(M, N, K, bwd, x, out, packed):
-    plan = _C_cuda.linear_plan(M, N, K, bwd, DTYPE_CODE[x.dtype], _aligned(x, out, packed))
-    n = plan["ws_floats"]
+    n = _C_cuda.linear_workspace_floats(M, N, K, bwd, DTYPE_CODE[x.dtype], _aligned(x, out, packed))
     ws = torch.empty((n,), dtype=torch.float32, device=x.device) if n else None
     return ws, n
 
 
-def _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, N, bias, u, lora_B, scaling):
+def _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, N, bias, lora_A, lora_B, scaling,
+         dropout_p, seed):
+    """(y, u) = the fused forward on contiguous x [M, K], M > 0 (lora_A None: no LoRA, u [M, 0])."""
     M, K = x.shape
+    r = 0 if lora_A is None else lora_A.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    u = torch.empty((M, r), dtype=torch.float32, device=x.device)
     ws, n = _workspace(M, N, K, False, x, y, packed)
-    r = 0 if u is None else u.shape[1]
-    _C_cuda.nf4_linear_fwd(x.data_ptr(), DTYPE_CODE[x.dtype], M,
-                           *_w_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
-                           addr(bias), addr(u), addr(lora_B), r, float(scaling), y.data_ptr(),
-                           addr(ws), n, _stream(x))
-    return y
+    _C_cuda.qlora_forward(x.data_ptr(), DTYPE_CODE[x.dtype], M,
+                          *nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
+                          addr(bias), addr(lora_A) if r else 0, addr(lora_B) if r else 0, r,
+                          float(scaling), float(dropout_p), seed_value(dropout_p, seed),
+                          y.data_ptr(), u.data_ptr() if r else 0, addr(ws), n, _stream(x))
+    return y, u
 
 
 def _bwd(dy, packed, absmax, absmax2, code8, offset, blocksize, K, g, lora_A, scaling, dropout_p,
          seed):
     M, N = dy.shape
+    r = 0 if lora_A is None else lora_A.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     ws, n = _workspace(M, N, K, True, dy, dx, packed)
-    r = 0 if g is None else g.shape[1]
-    _C_cuda.nf4_linear_bwd(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
-                           *_w_args(packed, absmax, absmax2, code8, offset, blocksize), N, K,
-                           addr(g), addr(lora_A), r, float(scaling), float(dropout_p),
-                           seed_value(dropout_p, seed), dx.data_ptr(), addr(ws), n, _stream(dy))
+    _C_cuda.qlora_backward_dx(dy.data_ptr(), DTYPE_CODE[dy.dtype], M,
+                              *nf4_state_args(packed, absmax, absmax2, code8, offset, blocksize),
+                              N, K, addr(lora_A) if r else 0, r, float(scaling), float(dropout_p),
+                              seed_value(dropout_p, seed), addr(g) if r else 0, dx.data_ptr(),
+                              addr(ws), n, _stream(dy))
     return dx
 
 
@@ -133,7 +132,7 @@ def nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize, out_feature
                                   out_features, bias)
     with torch.cuda.device(x.device):
         return _fwd(x.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, out_features,
-                    None if bias is None else bias.contiguous(), None, None, 0.0)
+                    None if bias is None else bias.contiguous(), None, None, 0.0, 0.0, None)[0]
 
 
 def nf4_linear_t(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features):
@@ -151,21 +150,13 @@ def qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features
     if x.dtype not in DTYPE_CODE or x.dim() != 2 or x.shape[0] == 0:
         return default.qlora_fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
                                  lora_A, lora_B, scaling, bias, dropout_p, seed)
-    M, K = x.shape
+    K = x.shape[1]
     check_linear_args(x, "x", K, packed, absmax, absmax2, code8, blocksize, out_features,
                       lora_A=lora_A, lora_B=lora_B, bias=bias, dropout_p=dropout_p, seed=seed)
-    x = x.contiguous()
-    lora_A, lora_B = lora_A.contiguous(), lora_B.contiguous()
-    r = lora_A.shape[0]
     with torch.cuda.device(x.device):
-        u = torch.empty((M, r), dtype=torch.float32, device=x.device)
-        if r > 0:
-            _C_cuda.lora_u(x.data_ptr(), DTYPE_CODE[x.dtype], M, K, lora_A.data_ptr(), r,
-                           float(dropout_p), seed_value(dropout_p, seed), u.data_ptr(), _stream(x))
-        y = _fwd(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
-                 None if bias is None else bias.contiguous(), u if r > 0 else None,
-                 lora_B if r > 0 else None, scaling)
-    return y, u
+        return _fwd(x.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, out_features,
+                    None if bias is None else bias.contiguous(), lora_A.contiguous(),
+                    lora_B.contiguous(), scaling, dropout_p, seed)
 
 
 def qlora_bwd_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_features, g, lora_A,
@@ -180,8 +171,7 @@ def qlora_bwd_dx(dy, packed, absmax, absmax2, code8, offset, blocksize, in_featu
         raise ValueError(f"g must have shape {(dy.shape[0], r)}, got {tuple(g.shape)}")
     with torch.cuda.device(dy.device):
         return _bwd(dy.contiguous(), packed, absmax, absmax2, code8, offset, blocksize, in_features,
-                    g.contiguous() if r > 0 else None, lora_A.contiguous() if r > 0 else None,
-                    scaling, dropout_p, seed)
+                    g.contiguous(), lora_A.contiguous(), scaling, dropout_p, seed)
 
 
 def lora_grad_a(g, x, scaling, dropout_p, seed):

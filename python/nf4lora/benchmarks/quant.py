@@ -9,7 +9,7 @@ kernels alone.
 import torch
 
 from .. import dequantize_nf4, quantize_nf4
-from .._native import DTYPE_CODE, _C, addr
+from .._native import DTYPE_CODE, _C, nf4_state_args
 from .common import time_fn
 
 
@@ -56,10 +56,8 @@ def measure_quant(n_out, k_in, blocksize=64, double_quant=True, repeats=None, qu
     if device == "cpu" or torch.device(device).type == "cpu":
         def ours_into():  # the kernel alone, through the raw launcher
             qq = qs_[cur[0] % len(qs_)]
-            nested = qq.double_quant
-            _C.nf4_dequantize(qq.packed.data_ptr(), 0 if nested else qq.absmax.data_ptr(),
-                              qq.absmax.data_ptr() if nested else 0, addr(qq.absmax2),
-                              addr(qq.code8), qq.offset, n, bs, out.data_ptr(),
+            _C.nf4_dequantize(*nf4_state_args(qq.packed, qq.absmax, qq.absmax2, qq.code8,
+                                              qq.offset, bs), n, out.data_ptr(),
                               DTYPE_CODE[dtype], "fast")
         r["ours_dequantize_out"] = time_fn(ours_into, reps, 2, rot(qs_))
     r["bnb_dequantize"] = r["bnb_quantize"] = r["bnb_dequantize_out"] = None
