@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
-from nf4lora.nn import VeraProjections  # noqa: E402
+from nf4lora.adapters import VeraProjections  # noqa: E402
 
 
 def make(kind, K, N, r):

@@ -1,76 +1,42 @@
-"""QLoRALinear: a frozen NF4 weight plus zero or more LoRA adapters, drop-in for nn.Linear (and for a
+"""QLoRALinear: a frozen NF4 weight plus zero or more adapters, drop-in for nn.Linear (and for a
 bitsandbytes Linear4bit wrapped by PEFT LoRA).
 
   y = x W^T + b + sum over active adapters a of  s_a * dropout(x) A_a^T B_a^T
-      W: NF4 [N, K],  A_a = lora_A[a].weight [r_a, K],  B_a = lora_B[a].weight [N, r_a]
+      W: NF4 [N, K] (an NF4Tensor parameter),  (A_a [r_a, K], B_a [N, r_a]) = kind.low_rank(a)
 
-DoRA adapters (use_dora=True, as PEFT) add a magnitude m_a = lora_magnitude_vector[a].weight [N]:
-  y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b      (no dropout; the norm is detached)
-VeRA adapters (add_vera_adapter, as PEFT's VERA) share frozen random projections A [r, K_max],
-B [N_max, r] across layers and train per layer lambda_d [r] and lambda_b [N]:
-  y += lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T),   A_s = A[:, :K], B_s = B[:N]
-which is the fused op with A' = lambda_d A_s, B' = lambda_b B_s, scaling 1.
-AdaLoRA adapters (add_adalora_adapter, PEFT's ADALORA) are SVD-shaped: P = lora_A [r, K], the
-singular values lora_E [r, 1], Q = lora_B [N, r], and
-  y += (alpha / (r_init + 1e-5)) * dropout(x) (A * E)^T B^T
-the fused op with A' = A * E; lora/adalora.py prunes entries of E to a rank budget.
-The row norms never need a dense W: ||W_n||^2 (computed once, cached) + 2 s B_n . (W A^T)_n
-+ s^2 ||(B A)_n||^2, with W A^T from the NF4 op itself (A as a batch of r rows).
-
-Parameter names follow PEFT (`lora_A.<adapter>.weight`, `lora_B.<adapter>.weight`), so optimizers,
-parameter-group rules and tools written for PEFT find them. The first active adapter goes through the
-fused op `qlora_linear` (x read once, W dequantized on the fly); further active adapters, a rare case,
-add their low-rank terms with plain torch ops.
+The adapter kinds (LoRA, DoRA, VeRA, AdaLoRA) are plug-ins (python/nf4lora/adapters/): each says
+what tensors an adapter has (PEFT's names: `lora_A.<adapter>.weight`, `lora_magnitude_vector.<a>`,
+`vera_lambda_b.<a>`, `lora_E.<a>`, ...), its low-rank pair, and an optional row scale (DoRA:
+y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b). This layer is the NF4 base plus one loop
+over the active adapters: the first adapter runs inside the fused op `qlora_linear` (x read by the
+NF4 kernel, W dequantized on the fly); further ones (a rare case) add their terms with plain
+torch ops, in PEFT's order; the per-example path (mixed_batch) runs the same terms on row subsets.
 
 State dict: the weight in bitsandbytes Linear4bit keys (`weight`, `weight.absmax`, `weight.quant_map`,
 `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), plus
-`bias` and `lora_A.<adapter>.weight` / `lora_B.<adapter>.weight`.
+`bias` and every adapter tensor under its PEFT name.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapters import AdaLoraConfig, AdapterConfig, VeraConfig, adapter_parts, kind_of, new_containers
+from .adapters.dora import weight_norm
+from .adapters.lora import check_init
 from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, quantize_nf4
 from .nf4_dispatch import same_nf4_layout
 from .nf4_fsdp import load_nf4_entries, nf4_local, nf4_state_dict_entries
 
-
-# Names of adapter parameter containers in a QLoRALinear (PEFT's names): a parameter whose name has
-# ".<one of these>.<adapter>" belongs to that adapter.
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_E", "lora_magnitude_vector", "vera_lambda_b", "vera_lambda_d")
-
-
-class VeraProjections(nn.Module):
-    """VeRA's frozen projections of one adapter, A [r, K_max] and B [N_max, r]: ONE instance is a
-    submodule of every adapted layer, so model.to() moves it once and the layers keep sharing it.
-    Non-persistent buffers: they come back from projection_prng_key or the adapter file."""
-
-    def __init__(self, A, B):
-        super().__init__()
-        self.register_buffer("A", A, persistent=False)
-        self.register_buffer("B", B, persistent=False)
-
-
-class LoraMagnitude(nn.Module):
-    """DoRA's magnitude of one adapter: weight [out_features], PEFT's lora_magnitude_vector.<a>."""
-
-    def __init__(self, weight):
-        super().__init__()
-        self.weight = nn.Parameter(weight)
+# Containers holding trainable adapter tensors (PEFT's names): a parameter whose name has
+# ".<one of these>.<adapter>" belongs to that adapter. Derived from the registered kinds.
+ADAPTER_PARTS = adapter_parts()
 
 
 def _check_adapter_name(name):
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty str without '.', got {name!r}")
     return name
-
-
-def _check_layer_dropout(name, p):
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p}")
 
 
 class QLoRALinear(nn.Module):
@@ -91,14 +57,8 @@ class QLoRALinear(nn.Module):
             self.bias = nn.Parameter(bias.clone(), requires_grad=False)
         else:
             self.register_parameter("bias", None)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
-        self.vera_lambda_b = nn.ParameterDict()  # VeRA adapters: [N] and [r], with the shared
-        self.vera_lambda_d = nn.ParameterDict()  # projections in self.vera_projections[name]
-        self.vera_projections = nn.ModuleDict()  # adapter -> VeraProjections, shared by the model
-        self.lora_E = nn.ParameterDict()  # AdaLoRA adapters: singular values [r, 1]
-        self.lora_config = {}  # adapter -> dict(r, lora_alpha, scaling, lora_dropout, use_rslora, use_dora)
+        new_containers(self)  # lora_A, lora_B, lora_magnitude_vector, vera_*, lora_E (kinds' names)
+        self.lora_config = {}  # adapter -> its kind's config dataclass (adapters/)
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
         self.merged_adapters = []      # adapters folded into merged_weight
@@ -125,128 +85,63 @@ class QLoRALinear(nn.Module):
                    adapter_name=adapter_name, use_dora=use_dora)
 
     # ---------------------------------------------------------------- adapters
-    def _check_new_adapter(self, adapter_name, r):
+    def add(self, adapter_name, cfg, **options):
+        """Add an adapter of cfg's kind (inactive until set_adapter names it, as in PEFT); `options`
+        go to the kind's create (initialisation, dtype, VeRA's shared projections)."""
         _check_adapter_name(adapter_name)
+        if not isinstance(cfg, AdapterConfig):
+            raise TypeError(f"cfg must be an adapter config (nf4lora.adapters), got {type(cfg).__name__}")
         if adapter_name in self.lora_config:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        self.lora_config[adapter_name] = cfg
+        try:
+            with torch.no_grad():
+                kind_of(cfg).create(self, adapter_name, cfg, **options)
+        except BaseException:
+            kind_of(cfg).delete(self, adapter_name)
+            del self.lora_config[adapter_name]
+            raise
 
     def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
                     init_lora_weights=True, lora_dtype=torch.float32, use_dora=False):
-        """Add a LoRA adapter (inactive until set_adapter names it, as in PEFT); use_dora=True makes
-        it a DoRA adapter (magnitude initialised to ||W + s B A||_row, as PEFT)."""
-        self._check_new_adapter(adapter_name, r)
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) \
-                or not math.isfinite(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        _check_layer_dropout("lora_dropout", lora_dropout)
-        dev = self.weight.device
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=lora_dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=lora_dtype)
-        self.lora_config[adapter_name] = dict(
-            r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout), use_rslora=bool(use_rslora),
-            scaling=lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r,
-            use_dora=bool(use_dora))
-        if use_dora:
-            self.lora_magnitude_vector[adapter_name] = LoraMagnitude(
-                torch.empty(self.out_features, device=dev, dtype=lora_dtype))
-        self.reset_lora_parameters(init_lora_weights, adapter_name)
+        """Add a LoRA adapter; use_dora=True makes it a DoRA adapter (magnitude initialised to
+        ||W + s B A||_row, as PEFT)."""
+        check_init(init_lora_weights)
+        cfg = AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            use_rslora=bool(use_rslora), use_dora=bool(use_dora))
+        self.add(adapter_name, cfg, init_lora_weights=init_lora_weights, dtype=lora_dtype)
 
     def add_vera_adapter(self, adapter_name, projections, r, vera_dropout=0.0, d_initial=0.1,
                          init_weights=True, dtype=torch.float32):
-        """Add a VeRA adapter (inactive until set_adapter names it): `projections` (VeraProjections:
-        A [>= r, >= in_features], B [>= out_features, >= r]) is the model's shared module (not copied);
-        lambda_d [r] = d_initial and lambda_b [N] = 0 (PEFT's init: the adapter starts as a no-op;
-        init_weights=False: lambda_d ~ N(0, 1), lambda_b = 1, PEFT's untouched values)."""
-        self._check_new_adapter(adapter_name, r)
-        _check_layer_dropout("vera_dropout", vera_dropout)
-        vera_A, vera_B = projections.A, projections.B
-        if vera_A.dim() != 2 or vera_B.dim() != 2 or vera_A.shape[0] < r or vera_B.shape[1] < r \
-                or vera_A.shape[1] < self.in_features or vera_B.shape[0] < self.out_features:
-            raise ValueError(f"vera_A {tuple(vera_A.shape)} / vera_B {tuple(vera_B.shape)} are too small "
-                             f"for r={r} and this layer's {self.out_features} x {self.in_features}")
-        dev = self.weight.device
-        self.vera_projections[adapter_name] = projections
-        self.vera_lambda_b[adapter_name] = nn.Parameter(torch.ones(self.out_features, device=dev, dtype=dtype))
-        self.vera_lambda_d[adapter_name] = nn.Parameter(torch.randn(r, device=dev, dtype=dtype))
-        if init_weights:
-            with torch.no_grad():
-                self.vera_lambda_d[adapter_name].fill_(d_initial)
-                self.vera_lambda_b[adapter_name].zero_()
-        self.lora_config[adapter_name] = dict(
-            kind="vera", r=r, lora_alpha=r, lora_dropout=float(vera_dropout), use_rslora=False,
-            scaling=1.0, use_dora=False, d_initial=d_initial)
+        """Add a VeRA adapter over `projections` (VeraProjections: A [>= r, >= in_features],
+        B [>= out_features, >= r]), the model's shared module (not copied)."""
+        self.add(adapter_name, VeraConfig(r=r, lora_dropout=vera_dropout, d_initial=d_initial),
+                 projections=projections, init_weights=init_weights, dtype=dtype)
 
     def add_adalora_adapter(self, adapter_name, r, lora_alpha=8, lora_dropout=0.0, init_weights=True,
                             dtype=torch.float32):
-        """Add an AdaLoRA adapter of initial rank r (inactive until set_adapter names it):
-        lora_A [r, K], lora_B [N, r] ~ N(0, 0.02), lora_E [r, 1] = 0 (PEFT's init; init_weights=False
-        leaves PEFT's N(0, 1) draws). Scaling alpha / (r + 1e-5) for good: pruning zeroes entries of E,
-        it never changes r (PEFT's ranknum)."""
-        self._check_new_adapter(adapter_name, r)
-        _check_layer_dropout("lora_dropout", lora_dropout)
-        dev = self.weight.device
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=dev, dtype=dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=dev, dtype=dtype)
-        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1, device=dev, dtype=dtype))
-        with torch.no_grad():
-            if init_weights:
-                self.lora_E[adapter_name].zero_()
-                self.lora_A[adapter_name].weight.normal_(0.0, 0.02)
-                self.lora_B[adapter_name].weight.normal_(0.0, 0.02)
-            else:
-                self.lora_A[adapter_name].weight.normal_()
-                self.lora_B[adapter_name].weight.normal_()
-        alpha = lora_alpha if lora_alpha > 0 else float(r)
-        self.lora_config[adapter_name] = dict(
-            kind="adalora", r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
-            use_rslora=False, use_dora=False, scaling=alpha / (float(r) + 1e-5))
+        """Add an AdaLoRA adapter of initial rank r (scaling alpha / (r + 1e-5) for good)."""
+        self.add(adapter_name, AdaLoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout),
+                 init_weights=init_weights, dtype=dtype)
 
     def _kind(self, name):
-        return self.lora_config[name].get("kind", "lora")
+        return kind_of(self.lora_config[name])
 
-    def _adapter_params(self, name):
+    def adapter_params(self, name):
         """The trainable tensors of one adapter."""
-        if self._kind(name) == "vera":
-            return [self.vera_lambda_b[name], self.vera_lambda_d[name]]
-        ps = [self.lora_A[name].weight, self.lora_B[name].weight]
-        if name in self.lora_E:
-            ps.append(self.lora_E[name])
-        if name in self.lora_magnitude_vector:
-            ps.append(self.lora_magnitude_vector[name].weight)
-        return ps
+        return self._kind(name).params(self, name)
 
     def _low_rank(self, name):
-        """(A [r, K], B [N, r]) with y += scaling * x A^T B^T for this adapter: LoRA's own weights,
-        or VeRA's lambda_d * A_s and lambda_b * B_s (differentiable in the lambdas)."""
-        if self._kind(name) == "vera":
-            P = self.vera_projections[name]
-            A, B = P.A, P.B
-            ld, lb = self.vera_lambda_d[name], self.vera_lambda_b[name]
-            r = ld.shape[0]
-            A_s = A[:r, : self.in_features].to(device=ld.device, dtype=ld.dtype)
-            B_s = B[: self.out_features, :r].to(device=lb.device, dtype=lb.dtype)
-            return ld[:, None] * A_s, lb[:, None] * B_s
-        if name in self.lora_E:  # AdaLoRA: A * E
-            return self.lora_A[name].weight * self.lora_E[name], self.lora_B[name].weight
-        return self.lora_A[name].weight, self.lora_B[name].weight
+        """(A [r, K], B [N, r]) with y += scaling * x A^T B^T for this adapter."""
+        return self._kind(name).low_rank(self, name)
 
     def delete_adapter(self, adapter_name):
         if adapter_name not in self.lora_config:
             raise KeyError(f"adapter {adapter_name!r} not found in this layer")
         if adapter_name in self.merged_adapters:
             self.unmerge_()
-        if self._kind(adapter_name) == "vera":
-            del self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name]
-            del self.vera_projections[adapter_name]
-        else:
-            del self.lora_A[adapter_name], self.lora_B[adapter_name]
+        self._kind(adapter_name).delete(self, adapter_name)
         del self.lora_config[adapter_name]
-        if adapter_name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[adapter_name]
-        if adapter_name in self.lora_E:
-            del self.lora_E[adapter_name]
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
     def set_adapter(self, adapter_names, requires_grad=True):
@@ -257,32 +152,18 @@ class QLoRALinear(nn.Module):
             self.unmerge_()
         for name in self.lora_config:
             on = requires_grad and name in names
-            for p in self._adapter_params(name):
+            for p in self.adapter_params(name):
                 p.requires_grad_(on)
         self.active_adapters = names
 
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name=None):
-        """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
-        False: both kaiming-uniform (the adapter is not a no-op)."""
-        names = [n for n in self.lora_config if self._kind(n) == "lora"] if adapter_name is None \
-            else [adapter_name]
+        """PEFT's init of LoRA / DoRA adapters (all of them, or `adapter_name`): see adapters/lora.py."""
+        names = [n for n in self.lora_config if hasattr(self._kind(n), "reset")] \
+            if adapter_name is None else [adapter_name]
+        check_init(init_lora_weights)
         with torch.no_grad():
             for name in names:
-                A, B = self.lora_A[name].weight, self.lora_B[name].weight
-                if init_lora_weights is True:
-                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                    nn.init.zeros_(B)
-                elif init_lora_weights == "gaussian":
-                    nn.init.normal_(A, std=1.0 / self.lora_config[name]["r"])
-                    nn.init.zeros_(B)
-                elif init_lora_weights is False:
-                    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-                else:
-                    raise ValueError("init_lora_weights must be True, False or 'gaussian', got "
-                                     f"{init_lora_weights!r}")
-                if name in self.lora_magnitude_vector:  # DoRA: m = ||W + s B A||_row (PEFT)
-                    self.lora_magnitude_vector[name].weight.copy_(self.dora_weight_norm(name))
+                self._kind(name).reset(self, name, init_lora_weights)
 
     def _active(self):
         return [a for a in self.active_adapters if a in self.lora_config] if self.adapters_enabled else []
@@ -295,27 +176,27 @@ class QLoRALinear(nn.Module):
     @property
     def r(self):
         c = self._first_cfg()
-        return 0 if c is None else c["r"]
+        return 0 if c is None else c.r
 
     @property
     def scaling(self):
         c = self._first_cfg()
-        return 0.0 if c is None else c["scaling"]
+        return 0.0 if c is None else c.scaling
 
     @property
     def lora_alpha(self):
         c = self._first_cfg()
-        return 0 if c is None else c["lora_alpha"]
+        return 0 if c is None else c.lora_alpha
 
     @property
     def lora_dropout(self):
         c = self._first_cfg()
-        return 0.0 if c is None else c["lora_dropout"]
+        return 0.0 if c is None else c.lora_dropout
 
     @property
     def use_rslora(self):
         c = self._first_cfg()
-        return False if c is None else c["use_rslora"]
+        return False if c is None else c.use_rslora
 
     @property
     def lora_A_weight(self):
@@ -403,66 +284,64 @@ class QLoRALinear(nn.Module):
             self._remerge()
 
     # ---------------------------------------------------------------- DoRA
-    @torch.no_grad()
     def dora_weight_norm(self, adapter_name) -> torch.Tensor:
-        """float32 [N]: ||W + s B A|| over each output row, W the dequantized NF4 weight, in float64
-        from ||W_n||^2 (cached), W A^T (the NF4 op on A's r rows) and the r x r Gram matrix of A."""
-        c = self.lora_config[adapter_name]
-        s = c["scaling"]
-        A = self.lora_A[adapter_name].weight.detach()
-        B = self.lora_B[adapter_name].weight.detach().double()
-        if self.weight_row_sqnorm is None:  # one dense pass over W, once per weight
-            self.weight_row_sqnorm = self.nf4_weight.dequantize(torch.float32).double().pow(2).sum(1)
-        wa = nf4_linear(A.float(), self.nf4_weight).double().t()  # [N, r] = W A^T
-        gram = A.double() @ A.double().t()                         # [r, r]
-        sq = self.weight_row_sqnorm + 2.0 * s * (B * wa).sum(1) + s * s * ((B @ gram) * B).sum(1)
-        return sq.clamp_min(0.0).sqrt().float()
+        """float32 [N]: ||W + s B A|| over each output row (adapters/dora.py)."""
+        return weight_norm(self, adapter_name)
 
-    def _dora_scale(self, name, dtype):
-        """m / ||W + s B A||_row (the norm detached: DoRA paper sec. 4.3, as PEFT), [N] in dtype."""
-        m = self.lora_magnitude_vector[name].weight
-        return (m / self.dora_weight_norm(name).to(m.dtype)).to(dtype)
+    # ---------------------------------------------------------------- forward
+    def _term(self, name, h):
+        """s * h A^T B^T for adapter `name` (h already dropped out), in the adapter's dtype."""
+        A, B = self._low_rank(name)
+        return F.linear(F.linear(h.to(A.dtype), A), B) * self.lora_config[name].scaling
 
     def _dropped(self, name, x):
         """x in the adapter's dtype, then its dropout (PEFT's order)."""
-        dtype = self._adapter_params(name)[0].dtype
-        return F.dropout(x.to(dtype), self.lora_config[name]["lora_dropout"], self.training)
+        dtype = self.adapter_params(name)[0].dtype
+        return F.dropout(x.to(dtype), self.lora_config[name].lora_dropout, self.training)
 
-    def _lora_term(self, name, h):
-        c = self.lora_config[name]
-        A, B = self._low_rank(name)
-        return F.linear(F.linear(h.to(A.dtype), A), B) * c["scaling"]
-
-    def _forward_dora(self, x, q, act):
-        """Active adapters with at least one DoRA adapter, in PEFT's order: each adapter adds to the
-        running result; a DoRA adapter's base term is the running result without bias (or, under
+    def _add_adapter(self, y, x, q, name):
+        """y (the running result) plus adapter `name`'s contribution, as PEFT adds it: a row-scaled
+        kind (DoRA) rescales its base term, which is the running result without bias (or, under
         dropout, the base layer on its dropped-out input)."""
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        if len(act) == 1 and not (self.training and self.lora_config[act[0]]["lora_dropout"] > 0):
-            c = self.lora_config[act[0]]  # the common case: one fused op, then a row scale
-            y = qlora_linear(x, q, self.lora_A[act[0]].weight, self.lora_B[act[0]].weight,
-                             c["scaling"]) * self._dora_scale(act[0], x.dtype)
-            return y if bias is None else y + bias
-        result = nf4_linear(x, q, self.bias)
-        for name in act:
-            c = self.lora_config[name]
-            p = c["lora_dropout"] if self.training else 0.0
-            if not c["use_dora"]:
-                result = result + self._lora_term(name, self._dropped(name, x)).to(result.dtype)
-                continue
-            if p > 0.0:
-                xd = F.dropout(x, p, True)
-                base = nf4_linear(xd, q)
-            else:
-                xd, base = x, (result if bias is None else result - bias)
-            scale = self._dora_scale(name, result.dtype)
-            result = result + (scale - 1) * base + scale * self._lora_term(name, xd).to(result.dtype)
-        return result
+        kind = self._kind(name)
+        if not kind.has_row_scale:
+            return y + self._term(name, self._dropped(name, x)).to(y.dtype)
+        p = self.lora_config[name].lora_dropout if self.training else 0.0
+        if p > 0.0:
+            xd = F.dropout(x, p, True)
+            base = nf4_linear(xd, q)
+        else:
+            xd, base = x, (y if self.bias is None else y - self.bias.to(y.dtype))
+        scale = kind.row_scale(self, name, y.dtype)
+        return y + (scale - 1) * base + scale * self._term(name, xd).to(y.dtype)
 
-    def _mixed_batch_forward(self, x, q, names):
+    def _adapters_forward(self, x, q, act):
+        """Base + active adapters. The first adapter rides in the fused op when it can: always for
+        a plain kind; for a row-scaled one (DoRA) when it is the only one and without dropout
+        (then y = scale * fused + b)."""
+        if not act:
+            return nf4_linear(x, q, self.bias)
+        first, cfg = act[0], self.lora_config[act[0]]
+        p = cfg.lora_dropout if self.training else 0.0
+        if not any(self._kind(a).has_row_scale for a in act):
+            A, B = self._low_rank(first)
+            y = qlora_linear(x, q, A, B, cfg.scaling, self.bias, dropout_p=p)
+            for name in act[1:]:  # several active adapters: the extra terms, unfused
+                y = self._add_adapter(y, x, q, name)
+            return y
+        if len(act) == 1 and p == 0.0:
+            A, B = self._low_rank(first)
+            y = qlora_linear(x, q, A, B, cfg.scaling) * self._kind(first).row_scale(self, first, x.dtype)
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = nf4_linear(x, q, self.bias)
+        for name in act:
+            y = self._add_adapter(y, x, q, name)
+        return y
+
+    def _per_example_forward(self, x, q, names):
         """Row i of the batch (dim 0 of x) through adapter names[i] ("__base__": none), as PEFT's
-        `adapter_names`: the base GEMM once for the whole batch, then each adapter's low-rank term
-        (DoRA: its row scale too, which PEFT does not support here) on its rows."""
+        `adapter_names`: the base GEMM once for the whole batch, then each adapter's term (and row
+        scale) on its rows."""
         if len(names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} "
                              "rows (dim 0 of the input)")
@@ -475,42 +354,28 @@ class QLoRALinear(nn.Module):
                 continue
             idx = torch.tensor([i for i, a in enumerate(names) if a == name], device=x.device)
             xs, ys = x.index_select(0, idx), y.index_select(0, idx)
-            delta = self._lora_term(name, xs).to(y.dtype)
-            if self.lora_config[name]["use_dora"]:
-                scale = self._dora_scale(name, y.dtype)
+            delta = self._term(name, xs).to(y.dtype)
+            scale = self._kind(name).row_scale(self, name, y.dtype)
+            if scale is not None:
                 base = ys if bias is None else ys - bias
                 delta = (scale - 1) * base + scale * delta
             y = y.index_add(0, idx, delta)
         return y
 
-    # ---------------------------------------------------------------- forward
     def forward(self, x):
         if self.batch_adapter_names is not None and self.adapters_enabled:
-            return self._mixed_batch_forward(x, self.nf4_weight, self.batch_adapter_names)
-        act = self._active()
+            return self._per_example_forward(x, self.nf4_weight, self.batch_adapter_names)
         if self.merged_weight is not None and self.adapters_enabled:
             b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.merged_weight.to(x.dtype), b)
-        q = self.nf4_weight
-        if not act:
-            return nf4_linear(x, q, self.bias)
-        if any(self.lora_config[a]["use_dora"] for a in act):
-            return self._forward_dora(x, q, act)
-        c = self.lora_config[act[0]]
-        p = c["lora_dropout"] if self.training else 0.0
-        A, B = self._low_rank(act[0])
-        y = qlora_linear(x, q, A, B, c["scaling"], self.bias, dropout_p=p)
-        for name in act[1:]:  # several active adapters: the extra low-rank terms, unfused
-            y = y + self._lora_term(name, self._dropped(name, x)).to(y.dtype)
-        return y
+        return self._adapters_forward(x, self.nf4_weight, self._active())
 
     # ---------------------------------------------------------------- merge
     @torch.no_grad()
     def delta_weight(self, adapter_name) -> torch.Tensor:
         """float32 [N, K]: scaling * B @ A of one adapter."""
-        c = self.lora_config[adapter_name]
         A, B = self._low_rank(adapter_name)
-        return c["scaling"] * (B.float() @ A.float())
+        return self.lora_config[adapter_name].scaling * (B.float() @ A.float())
 
     @torch.no_grad()
     def merged_dense(self, adapter_names=None) -> torch.Tensor:
@@ -522,12 +387,7 @@ class QLoRALinear(nn.Module):
         for name in names:
             if name not in self.lora_config:
                 raise KeyError(f"adapter {name!r} not found in this layer")
-            d = self.delta_weight(name)
-            if self.lora_config[name]["use_dora"]:  # PEFT: (m / ||W0 + dW||_row) * (W + dW)
-                m = self.lora_magnitude_vector[name].weight.float()
-                w = (m / (w0 + d).norm(dim=1))[:, None] * (w + d)
-            else:
-                w += d
+            w = self._kind(name).merged(self, name, w0, w, self.delta_weight(name))
         return w
 
     @torch.no_grad()
@@ -564,9 +424,8 @@ class QLoRALinear(nn.Module):
         return lin
 
     def extra_repr(self):
-        adapters = ", ".join(f"{n}(r={c['r']}, alpha={c['lora_alpha']}, dropout={c['lora_dropout']}"
-                             + (", dora" if c["use_dora"] else "")
-                             + (f", {c['kind']}" if c.get("kind") in ("vera", "adalora") else "") + ")"
+        adapters = ", ".join(f"{n}(r={c.r}, alpha={c.lora_alpha}, dropout={c.lora_dropout}"
+                             + (f", {c.kind}" if c.kind != "lora" else "") + ")"
                              for n, c in self.lora_config.items())
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "

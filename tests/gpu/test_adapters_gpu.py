@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from nf4lora.nn import VeraProjections
+from nf4lora.adapters import VeraProjections
 from numerics import rel_err as rel
 
 if not torch.cuda.is_available():

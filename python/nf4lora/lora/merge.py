@@ -182,7 +182,7 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
                 U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
             A[:k] = Vh.to(A.dtype)
             B[:, :k] = U.to(B.dtype)
-        for p in layer._adapter_params(adapter_name):  # added frozen and inactive (PEFT)
+        for p in layer.adapter_params(adapter_name):  # added frozen and inactive (PEFT)
             p.requires_grad_(False)
     base_cfg = dict(configs[adapters[0]])
     base_cfg.update(r=new_r, lora_alpha=new_r, lora_dropout=0.0, target_modules=target_modules,

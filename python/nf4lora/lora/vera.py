@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..nn import VeraProjections
+from ..adapters import VeraProjections
 from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
                     _targets_record, adapter_configs)
 

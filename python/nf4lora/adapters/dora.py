@@ -1,0 +1,64 @@
+"""DoRA (PEFT's use_dora=True): a LoRA adapter plus a magnitude m = lora_magnitude_vector.<a>.weight
+[N]; y = (m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b, the norm detached (DoRA paper
+sec. 4.3, as PEFT). The row norms never need a dense W: ||W_n||^2 (one dense pass, cached on the
+layer) + 2 s B_n . (W A^T)_n + s^2 ||(B A)_n||^2, with W A^T from the NF4 op on A's r rows."""
+import torch
+from torch import nn
+
+from ..functional import nf4_linear
+from .base import register
+from .lora import LoRA
+
+
+class LoraMagnitude(nn.Module):
+    """DoRA's magnitude of one adapter: weight [out_features], PEFT's lora_magnitude_vector.<a>."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+@torch.no_grad()
+def weight_norm(layer, name):
+    """float32 [N]: ||W + s B A|| over each output row, W the dequantized NF4 weight, in float64."""
+    s = layer.lora_config[name].scaling
+    A = layer.lora_A[name].weight.detach()
+    B = layer.lora_B[name].weight.detach().double()
+    q = layer.nf4_weight
+    if layer.weight_row_sqnorm is None:  # one dense pass over W, once per weight
+        layer.weight_row_sqnorm = q.dequantize(torch.float32).double().pow(2).sum(1)
+    wa = nf4_linear(A.float(), q).double().t()  # [N, r] = W A^T
+    gram = A.double() @ A.double().t()          # [r, r]
+    sq = layer.weight_row_sqnorm + 2.0 * s * (B * wa).sum(1) + s * s * ((B @ gram) * B).sum(1)
+    return sq.clamp_min(0.0).sqrt().float()
+
+
+class DoRA(LoRA):
+    name = "dora"
+    containers = {**LoRA.containers, "lora_magnitude_vector": nn.ModuleDict}
+    parts = LoRA.parts + ("lora_magnitude_vector",)
+    has_row_scale = True
+
+    def create(self, layer, name, cfg, init_lora_weights=True, dtype=None):
+        layer.lora_magnitude_vector[name] = LoraMagnitude(
+            torch.empty(layer.out_features, device=layer.weight.device, dtype=dtype))
+        super().create(layer, name, cfg, init_lora_weights, dtype)
+
+    def reset(self, layer, name, init_lora_weights=True):
+        super().reset(layer, name, init_lora_weights)
+        layer.lora_magnitude_vector[name].weight.copy_(weight_norm(layer, name))  # m = ||W + s B A||
+
+    def params(self, layer, name):
+        return super().params(layer, name) + [layer.lora_magnitude_vector[name].weight]
+
+    def row_scale(self, layer, name, dtype):
+        m = layer.lora_magnitude_vector[name].weight
+        return (m / weight_norm(layer, name).to(m.dtype)).to(dtype)
+
+    def merged(self, layer, name, w0, w, delta):
+        # PEFT: (m / ||W0 + dW||_row) * (W + dW)
+        m = layer.lora_magnitude_vector[name].weight.float()
+        return (m / (w0 + delta).norm(dim=1))[:, None] * (w + delta)
+
+
+DORA = register(DoRA())

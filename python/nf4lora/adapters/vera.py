@@ -1,0 +1,78 @@
+"""VeRA (PEFT's VERA): frozen random projections A [r, K_max], B [N_max, r] shared by every layer
+(one VeraProjections module, a submodule of each adapted layer, so model.to() moves it once), and
+per layer trainable lambda_d [r] and lambda_b [N]:
+  y += lambda_b * ((lambda_d * (dropout(x) A_s^T)) B_s^T),   A_s = A[:, :K], B_s = B[:N]
+which is the fused op with A' = lambda_d A_s, B' = lambda_b B_s and scaling 1."""
+import dataclasses
+
+import torch
+from torch import nn
+
+from .base import AdapterConfig, AdapterKind, register
+
+
+class VeraProjections(nn.Module):
+    """VeRA's frozen projections of one adapter (non-persistent buffers: they come back from
+    projection_prng_key or the adapter file)."""
+
+    def __init__(self, A, B):
+        super().__init__()
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class VeraConfig(AdapterConfig):
+    d_initial: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "lora_alpha", self.r)  # PEFT reports alpha = r; the term has s = 1
+
+    @property
+    def kind(self):
+        return "vera"
+
+    @property
+    def scaling(self):
+        return 1.0
+
+
+class VeRA(AdapterKind):
+    name = "vera"
+    config = VeraConfig
+    containers = {"vera_lambda_b": nn.ParameterDict, "vera_lambda_d": nn.ParameterDict,
+                  "vera_projections": nn.ModuleDict}
+    parts = ("vera_lambda_b", "vera_lambda_d")
+
+    def create(self, layer, name, cfg, projections=None, init_weights=True, dtype=torch.float32):
+        """lambda_d = d_initial, lambda_b = 0 (PEFT's init: a no-op adapter); init_weights=False:
+        lambda_d ~ N(0, 1), lambda_b = 1 (PEFT's untouched values)."""
+        vera_A, vera_B = projections.A, projections.B
+        r = cfg.r
+        if vera_A.dim() != 2 or vera_B.dim() != 2 or vera_A.shape[0] < r or vera_B.shape[1] < r \
+                or vera_A.shape[1] < layer.in_features or vera_B.shape[0] < layer.out_features:
+            raise ValueError(f"vera_A {tuple(vera_A.shape)} / vera_B {tuple(vera_B.shape)} are too small "
+                             f"for r={r} and this layer's {layer.out_features} x {layer.in_features}")
+        dev = layer.weight.device
+        layer.vera_projections[name] = projections
+        layer.vera_lambda_b[name] = nn.Parameter(torch.ones(layer.out_features, device=dev, dtype=dtype))
+        layer.vera_lambda_d[name] = nn.Parameter(torch.randn(r, device=dev, dtype=dtype))
+        if init_weights:
+            with torch.no_grad():
+                layer.vera_lambda_d[name].fill_(cfg.d_initial)
+                layer.vera_lambda_b[name].zero_()
+
+    def params(self, layer, name):
+        return [layer.vera_lambda_b[name], layer.vera_lambda_d[name]]
+
+    def low_rank(self, layer, name):
+        P = layer.vera_projections[name]
+        ld, lb = layer.vera_lambda_d[name], layer.vera_lambda_b[name]
+        r = ld.shape[0]
+        A_s = P.A[:r, : layer.in_features].to(device=ld.device, dtype=ld.dtype)
+        B_s = P.B[: layer.out_features, :r].to(device=lb.device, dtype=lb.dtype)
+        return ld[:, None] * A_s, lb[:, None] * B_s
+
+
+VERA = register(VeRA())
