@@ -48,7 +48,7 @@ def test_loss_with_orth_reg_and_grads_match_peft(base):
     m.train(), pm.train()
     lm, lp = m(input_ids=x, labels=x).loss, pm(input_ids=x, labels=x).loss
     assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
-    cfg = m._nf4lora_adalora["config"]
+    cfg = m._nf4lora.adalora["config"]
     with torch.no_grad():  # the regularizer is there: without it the loss is lower
         cfg["orth_reg_weight"] = 0.0
         plain = float(m(input_ids=x, labels=x).loss)
@@ -79,7 +79,7 @@ def test_allocation_matches_peft_step_for_step(base):
         pm.base_model.update_and_allocate(step)
         for n, p in ours.items():
             assert torch.equal(p, theirs[n]), (step, n)
-    pattern = m._nf4lora_adapters["default"]["rank_pattern"]
+    pattern = m._nf4lora.configs["default"]["rank_pattern"]
     theirs_pattern = {k.replace(".default", ""): v for k, v in pm.peft_config["default"].rank_pattern.items()}
     assert pattern == theirs_pattern
     kept = sum(sum(v) for v in pattern.values())
@@ -127,7 +127,7 @@ def test_training_with_paged_adamw(base):
     opt = nl.PagedAdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2)
     losses = train_losses(m, tokens(), opt, 20, after_step=lambda step: nl.update_and_allocate(m, step))
     assert losses[-1] < losses[0], losses
-    pattern = m._nf4lora_adapters["default"]["rank_pattern"]
+    pattern = m._nf4lora.configs["default"]["rank_pattern"]
     n_layers = sum(1 for _ in nl.lora.model.qlora_layers(m))
     assert sum(sum(v) for v in pattern.values()) == KW["target_r"] * n_layers
     for key, keep in pattern.items():  # pruned singular values are zero
@@ -158,7 +158,7 @@ def test_bad_configurations(base):
     with pytest.raises(ValueError, match="global_step must be an int"):
         nl.update_and_allocate(m, "3")
     nl.delete_adapter(m, "default")  # gone with its allocator; the model still runs
-    assert "_nf4lora_adalora" not in m.__dict__ and not any(".lora_E." in n for n, _ in m.named_parameters())
+    assert m._nf4lora.adalora is None and not any(".lora_E." in n for n, _ in m.named_parameters())
     with torch.no_grad():
         m(input_ids=tokens(), labels=tokens())
 

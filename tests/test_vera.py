@@ -47,7 +47,7 @@ def test_projections_shared_and_not_in_state_dict(base):
     assert not any("vera_projections" in k for k in m.state_dict())
     c = copy.deepcopy(m)
     mods = [layer.vera_projections["default"] for _, layer in nl.lora.model.qlora_layers(c)]
-    assert all(p is mods[0] for p in mods) and mods[0] is c._nf4lora_vera["default"]
+    assert all(p is mods[0] for p in mods) and mods[0] is c._nf4lora.vera["default"]
 
 
 def test_init_is_a_no_op(base):

@@ -92,4 +92,4 @@ def test_bad_calls(base):
     nl.apply_qlora(d, ["q_proj"], r=2, adapter_name="plain")
     with pytest.raises(NotImplementedError, match="DoRA"):
         nl.add_weighted_adapter(d, ["default", "plain"], [1.0, 1.0], "mix")
-    assert "mix" not in m._nf4lora_adapters
+    assert "mix" not in m._nf4lora.configs

@@ -18,11 +18,11 @@ import math
 import torch
 
 from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
-                    _targets_record, adapter_configs, qlora_layers)
+                    _targets_record, adapter_configs, model_adapters, qlora_layers)
 
 
 def _state(model):
-    st = model.__dict__.get("_nf4lora_adalora")
+    st = model_adapters(model).adalora
     if st is None:
         raise ValueError("the model has no trainable AdaLoRA adapter (apply_adalora)")
     return st
@@ -31,7 +31,7 @@ def _state(model):
 def _orth_loss_hook(module, args, output):
     """PEFT's AdaLoraModel.forward: loss += orth_reg_weight * mean over the trainable adapter's
     P and Q of ||P P^T - I||_F (Q^T Q for Q). Module-level so the model still pickles."""
-    st = module.__dict__.get("_nf4lora_adalora")
+    st = model_adapters(module).adalora
     loss = getattr(output, "loss", None)
     if st is None or not isinstance(loss, torch.Tensor):
         return None
@@ -72,7 +72,7 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
         if tinit >= total_step - tfinal:
             raise ValueError(f"tinit={tinit}, tfinal={tfinal}, total_step={total_step} leave no budgeting "
                              "phase (need tinit < total_step - tfinal)")
-        if "_nf4lora_adalora" in model.__dict__:
+        if model_adapters(model).adalora is not None:
             raise ValueError("the model already trains an AdaLoRA adapter; add further ones with "
                              "inference_mode=True")
     for field, v, lo, hi in (("orth_reg_weight", orth_reg_weight, 0.0, math.inf),
@@ -95,7 +95,7 @@ def apply_adalora(model, target_modules, init_r=12, target_r=8, lora_alpha=8, lo
     adapter_configs(model)[adapter_name] = cfg
     if not inference_mode:
         init_bgt = sum(model.get_submodule(n).lora_config[adapter_name]["r"] for n in names)
-        model.__dict__["_nf4lora_adalora"] = dict(
+        model_adapters(model).adalora = dict(
             adapter=adapter_name, config=cfg, init_bgt=init_bgt, target_bgt=target_r * len(names),
             ipt={}, exp_avg_ipt={}, exp_avg_unc={})
         if not getattr(model, "_nf4lora_orth_hook", False):

@@ -21,7 +21,8 @@ import torch
 
 from .._files import atomic_path, atomic_write_text
 from .adalora import apply_adalora
-from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
+from .model import (_check_targets, active_adapters, adapter_configs, apply_qlora, model_adapters,
+                    qlora_layers, set_adapter)
 from .targets import find_targets, pattern_value
 from .vera import apply_vera, vera_projections
 
@@ -426,7 +427,7 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
                adapter_name=adapter_name)
     with torch.no_grad():
         if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
-            shared = model._nf4lora_vera[adapter_name]
+            shared = model_adapters(model).vera[adapter_name]
             shared.A.copy_(weights[VERA_A])
             shared.B.copy_(weights[VERA_B])
         for n in layers:

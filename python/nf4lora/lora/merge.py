@@ -13,7 +13,7 @@ import torch
 from ..nf4 import quantize_nf4
 from .mixing import mix
 from ..nn import QLoRALinear
-from .model import _set_child, qlora_layers
+from .model import _set_child, forget_adapters, qlora_layers
 
 
 def _names(model, adapter_names):
@@ -68,8 +68,7 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
         err = float((stored - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny))
         report[name] = {"rel_error": err, "adapters": use}
         _set_child(model, name, new)
-    for attr in ("_nf4lora_adapters", "_nf4lora_active", "_nf4lora_vera", "_nf4lora_adalora"):
-        model.__dict__.pop(attr, None)
+    forget_adapters(model)
     return (model, report) if return_report else model
 
 

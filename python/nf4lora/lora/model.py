@@ -2,11 +2,13 @@
 linears without adapters), prepare_for_training, and the adapter controls (set_adapter,
 disable_adapter, delete_adapter, mixed_batch).
 
-The model keeps its own class; adapted layers become QLoRALinear in place. What save_adapter needs
-to write adapter_config.json lives in `model._nf4lora_adapters` (adapter -> config dict) and the
-active adapters in `model._nf4lora_active`: plain attributes, so the model deep-copies and pickles.
+The model keeps its own class; adapted layers become QLoRALinear in place. The model's own adapter
+state (what save_adapter writes to adapter_config.json, the active adapters, VeRA's shared
+projections, AdaLoRA's allocator) is one ModelAdapters object in `model._nf4lora`: a plain
+attribute, so the model deep-copies and pickles.
 """
 import contextlib
+import dataclasses
 import math
 
 from torch import nn
@@ -20,12 +22,33 @@ def qlora_layers(model):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QLoRALinear)]
 
 
+@dataclasses.dataclass
+class ModelAdapters:
+    """Everything nf4lora keeps on a model (beside its layers)."""
+    configs: dict = dataclasses.field(default_factory=dict)  # adapter -> adapter_config.json fields
+    active: list = dataclasses.field(default_factory=list)   # the active adapters, in order
+    vera: dict = dataclasses.field(default_factory=dict)     # adapter -> its shared VeraProjections
+    adalora: dict = None  # the trained AdaLoRA adapter's allocator state (lora/adalora.py)
+
+
+def model_adapters(model) -> ModelAdapters:
+    st = model.__dict__.get("_nf4lora")
+    if st is None:
+        st = model.__dict__["_nf4lora"] = ModelAdapters()
+    return st
+
+
+def forget_adapters(model):
+    """Drop the model's adapter state (merge_and_unload)."""
+    model.__dict__.pop("_nf4lora", None)
+
+
 def adapter_configs(model) -> dict:
-    return model.__dict__.setdefault("_nf4lora_adapters", {})
+    return model_adapters(model).configs
 
 
 def active_adapters(model) -> list:
-    return list(model.__dict__.get("_nf4lora_active", []))
+    return list(model_adapters(model).active)
 
 
 def _set_child(model, name, new):
@@ -173,7 +196,7 @@ def set_adapter(model, adapter_name, inference_mode=False):
             raise ValueError(f"adapter {n!r} not found; the model has {sorted(known)}")
     for _, layer in qlora_layers(model):
         layer.set_adapter(names, requires_grad=not inference_mode)
-    model._nf4lora_active = names
+    model_adapters(model).active = names
     return model
 
 
@@ -239,9 +262,10 @@ def delete_adapter(model, adapter_name):
         if adapter_name in layer.lora_config:
             layer.delete_adapter(adapter_name)
     del configs[adapter_name]
-    model.__dict__.get("_nf4lora_vera", {}).pop(adapter_name, None)
-    if model.__dict__.get("_nf4lora_adalora", {}).get("adapter") == adapter_name:
-        del model.__dict__["_nf4lora_adalora"]
+    st = model_adapters(model)
+    st.vera.pop(adapter_name, None)
+    if st.adalora is not None and st.adalora["adapter"] == adapter_name:
+        st.adalora = None
     active = [a for a in active_adapters(model) if a != adapter_name]
     if not active and configs:
         active = [next(iter(configs))]
@@ -250,7 +274,7 @@ def delete_adapter(model, adapter_name):
     else:
         for _, layer in qlora_layers(model):
             layer.active_adapters = []
-        model._nf4lora_active = []
+        model_adapters(model).active = []
     return model
 
 

@@ -7,7 +7,7 @@ trainable lambda_d [r] and lambda_b [out_features]:
 
 QLoRALinear runs it through the fused op with A' = lambda_d A_s, B' = lambda_b B_s (nn.py).
 The projections are one VeraProjections module per adapter, a submodule of every adapted layer
-(model.to() moves it once; named in model._nf4lora_vera[adapter] too).
+(model.to() moves it once; named in the model's ModelAdapters.vera[adapter] too).
 """
 import math
 
@@ -15,7 +15,7 @@ import torch
 
 from ..adapters import VeraProjections
 from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
-                    _targets_record, adapter_configs)
+                    _targets_record, adapter_configs, model_adapters)
 
 
 def kaiming_projection(shape, generator):
@@ -27,7 +27,7 @@ def kaiming_projection(shape, generator):
 
 def vera_projections(model, adapter_name):
     """(A, B) of a VeRA adapter of the model."""
-    P = model.__dict__.get("_nf4lora_vera", {})[adapter_name]
+    P = model_adapters(model).vera[adapter_name]
     return P.A, P.B
 
 
@@ -56,7 +56,7 @@ def apply_vera(model, target_modules, r=256, projection_prng_key=0, vera_dropout
     for layer in _adaptable_layers(model, names, blocksize, double_quant):
         shared.to(layer.weight.device)  # where the layers are (one device per model)
         layer.add_vera_adapter(adapter_name, shared, r, vera_dropout, d_initial, init_weights)
-    model.__dict__.setdefault("_nf4lora_vera", {})[adapter_name] = shared
+    model_adapters(model).vera[adapter_name] = shared
     adapter_configs(model)[adapter_name] = dict(
         peft_type="VERA", r=r, **_targets_record(target_modules, names, exclude_modules),
         projection_prng_key=projection_prng_key, save_projection=bool(save_projection),
