@@ -99,6 +99,35 @@ def test_save_load_round_trip(base, tmp_path):
     assert rel(logits(back, x), logits(m, x)) <= 1e-6
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_load_into_existing_adapter_resumes(base, tmp_path, use_dora):
+    """PEFT's load_adapter into an adapter name the model has: the weights go into its parameters
+    (an optimizer holding them sees them), its active / trainable state stays, the config is checked."""
+    x = tokens()
+    kw = dict(r=4, lora_alpha=8, rank_pattern={"down_proj": 2}, use_dora=use_dora)
+    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "down_proj"], **kw)
+    randomize_adapters(m)
+    nl.save_adapter(m, str(tmp_path))
+    fresh = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "down_proj"], **kw)
+    params = {n: p for n, p in fresh.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+    assert rel(logits(fresh, x), logits(m, x)) > 1e-3
+    nl.load_adapter(fresh, str(tmp_path), adapter_name="default")
+    assert torch.equal(logits(fresh, x), logits(m, x))
+    assert {n: p for n, p in fresh.named_parameters() if p.requires_grad} == params  # same objects
+    assert all(any(p is q for q in opt.param_groups[0]["params"]) for p in params.values())
+    # a config that does not match is refused before anything is copied
+    other = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "down_proj"], r=4, lora_alpha=16,
+                           rank_pattern={"down_proj": 2}, use_dora=use_dora)
+    before = {n: p.clone() for n, p in other.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="lora_alpha"):
+        nl.load_adapter(other, str(tmp_path), adapter_name="default")
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters() if p.requires_grad)
+    narrow = nl.apply_qlora(copy.deepcopy(base), ["q_proj"], **kw)
+    with pytest.raises(ValueError, match="targets"):
+        nl.load_adapter(narrow, str(tmp_path), adapter_name="default")
+
+
 # ------------------------------------------------------------------------------ malformed files
 @pytest.fixture()
 def saved(base, tmp_path):

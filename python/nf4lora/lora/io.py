@@ -350,9 +350,16 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
 
     The targets come from adapter_config.json with PEFT's matching rules; plain nn.Linear targets are
     quantized to NF4 (blocksize, double_quant) on the way, QLoRALinear ones get the adapter added.
-    The first adapter of a model becomes active; is_trainable=False (PEFT's default) freezes it."""
+    The first adapter of a model becomes active; is_trainable=False (PEFT's default) freezes it.
+
+    Into an adapter name the model already has (LoRA / DoRA; PEFT's way to resume training), the
+    file's weights are copied into it after its config is checked against the adapter's (kind,
+    targets, per-layer rank and alpha, rslora): the adapter keeps its parameters (an optimizer
+    holding them sees the loaded values), its active and trainable state."""
     cfg = _read_config(path)
     weights = _read_weights(path)
+    if adapter_name in adapter_configs(model):
+        return _load_into_existing(model, cfg, weights, adapter_name)
     if cfg["peft_type"] == "VERA":
         return _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     if cfg["peft_type"] == "ADALORA":
@@ -381,6 +388,41 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    return model
+
+
+def _load_into_existing(model, cfg, weights, adapter_name):
+    """load_adapter into an adapter the model has: check, then copy in place."""
+    if cfg["peft_type"] != "LORA":
+        raise ValueError(f"adapter {adapter_name!r} already exists; loading a {cfg['peft_type']} file "
+                         "into an existing adapter is supported for LoRA / DoRA only (delete_adapter "
+                         "first, or load under another name)")
+    tm = cfg["target_modules"]
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    have = [n for n, layer in qlora_layers(model) if adapter_name in layer.lora_config]
+    if sorted(names) != sorted(have):
+        raise ValueError(f"adapter {adapter_name!r} exists on modules {sorted(have)} but the file's "
+                         f"config targets {sorted(names)}")
+    for n in names:
+        c = model.get_submodule(n).lora_config[adapter_name]
+        want = {"kind": "dora" if cfg.get("use_dora", False) else "lora",
+                "r": pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)),
+                "lora_alpha": pattern_value(cfg.get("alpha_pattern"), n, cfg.get("lora_alpha", 8)),
+                "use_rslora": bool(cfg.get("use_rslora", False))}
+        for field, v in want.items():
+            if c[field] != v:
+                raise ValueError(f"adapter {adapter_name!r} on '{n}' has {field}={c[field]!r} but the "
+                                 f"file's adapter_config.json gives {v!r}")
+    by_module = _validate(model, cfg, names, weights)
+    with torch.no_grad():
+        for n in names:
+            layer = model.get_submodule(n)
+            for which, (_, t) in by_module[n].items():
+                getattr(layer, which)[adapter_name].weight.copy_(t)
+            if adapter_name in layer.merged_adapters:
+                layer._remerge()
     return model
 
 
