@@ -563,3 +563,20 @@ def test_native_module_rejects_bad_sizes():
                            am.data_ptr())
     with raises(ValueError, "absmax_dequantize", "null"):
         _C.absmax_dequantize(out.data_ptr(), 0, DYNAMIC_SIGNED.data_ptr(), 0.0, 4, am.data_ptr())
+
+
+def test_state_checked_once_then_again_when_its_tensors_change(gen):
+    """Validation once: a weight's state is checked when built and trusted per call; a state whose
+    tensors were swapped or resized afterwards is checked again, never read out of bounds."""
+    q = nl.quantize_nf4(torch.randn(64, 128, generator=gen))
+    x = torch.randn(2, 128, generator=gen)
+    want = nl.nf4_linear(x, q)
+    assert torch.equal(nl.nf4_linear(x, q), want)  # trusted path, same answer
+    q.absmax = q.absmax[:-1].clone()               # swapped for a too-short one
+    with pytest.raises(ValueError, match="absmax"):
+        nl.nf4_linear(x, q)
+    q2 = nl.quantize_nf4(torch.randn(64, 128, generator=gen), double_quant=False)
+    nl.nf4_linear(x, q2)
+    q2.packed.resize_(10)                          # resized in place after it was trusted
+    with pytest.raises(ValueError, match="packed"):
+        nl.nf4_linear(x, q2)

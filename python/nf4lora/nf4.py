@@ -10,7 +10,7 @@ import torch
 from . import _ops  # noqa: F401  (defines torch.ops.nf4lora.*)
 from . import backends  # noqa: F401  (registers the kernels)
 from ._checks import FLOAT_DTYPES, check_blocksize, check_tensor
-from .backends.state import check_nf4_state
+from .backends.state import check_nf4_state_once
 from .nf4_format import DYNAMIC_SIGNED, NESTED_BLOCKSIZE, NF4_CODE
 
 _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,12 +56,13 @@ class NF4Tensor(torch.Tensor):
             if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
                 raise ValueError(f"offset must be a finite float, got {offset!r}")
             packed = packed.reshape(-1)
-            check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+            check_nf4_state_once(packed, absmax, absmax2, code8, blocksize, shape, offset)
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device,
                                                    requires_grad=False)
         self.packed, self.absmax, self.absmax2, self.code8 = packed.reshape(-1), absmax, absmax2, code8
         self.offset, self.blocksize = float(offset), int(blocksize)
-        return self
+        self.nk = tuple(shape)  # the shape as a plain tuple: the hot path reads it without a
+        return self             # __torch_function__ round trip (q.shape on a subclass takes one)
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__
         pass

@@ -129,10 +129,37 @@ def check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset=0.0
 
 
 
+_CHECKED = "_nf4lora_state_checked"  # attribute on a packed-codes tensor: the state it was checked with
+
+
+def _state_key(packed, absmax, absmax2, code8, blocksize, shape):
+    # What the check depends on: which tensors (a swapped one has another id) and their sizes (an
+    # in-place resize changes numel; no in-place op changes dtype; a tensor can not grow smaller
+    # than its view). Cheap on purpose: this runs on every call.
+    return (id(absmax), id(absmax2), id(code8), packed.numel(), absmax.numel(),
+            0 if absmax2 is None else absmax2.numel(), blocksize, tuple(shape))
+
+
+def check_nf4_state_once(packed, absmax, absmax2, code8, blocksize, shape, offset=0.0):
+    """check_nf4_state, skipped when this very state (same tensor objects, same sizes) passed it
+    before: an NF4 weight is validated when it is built or loaded, and the per-call path pays a
+    lookup instead of the full check (the decode-sized calls of issue 13's "validation once").
+    A state whose tensors were swapped or resized is checked again; offset is a per-call value."""
+    key = _state_key(packed, absmax, absmax2, code8, blocksize, shape)
+    if getattr(packed, _CHECKED, None) != key:
+        check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+        try:
+            setattr(packed, _CHECKED, key)
+        except (AttributeError, RuntimeError):  # a tensor that takes no attributes: check each time
+            pass
+    else:
+        check_offset(offset)
+
+
 def check_linear_args(x, name, K, packed, absmax, absmax2, code8, blocksize, N, *, lora_A=None,
                       lora_B=None, bias=None, g=None, dropout_p=0.0, seed=None, offset=0.0):
     """Shapes/dtypes of a linear op's arguments against W [N, K] (raises ValueError naming them)."""
-    check_nf4_state(packed, absmax, absmax2, code8, blocksize, (N, K), offset)
+    check_nf4_state_once(packed, absmax, absmax2, code8, blocksize, (N, K), offset)
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D [M, features], got shape {tuple(x.shape)}")
     if not x.dtype.is_floating_point:
