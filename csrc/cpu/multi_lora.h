@@ -18,8 +18,10 @@
 
 namespace nf4lora {
 
-// An adapter with at least this many rows in a batch takes the SGMV path (bench/bench_multi_lora.py
-// --sweep-threshold: below it the transposed B block costs more than the dot products it saves).
+// An adapter with at least this many rows in a batch takes the SGMV path. Per 16 output columns the
+// SGMV expand pays one B^T block (r gathers) and then r FMAs per row; BGMV pays r loads + r FMAs +
+// a ~45-instruction reduction per row: the two cross near 2-3 rows (not yet tuned by measurement;
+// both paths give the same answer to fp32 rounding, tests/test_multi_lora.py).
 constexpr int64_t kSgmvMinRows = 4;
 constexpr int64_t kSgmvTileRows = 16;  // rows per shrink task of an SGMV group
 
