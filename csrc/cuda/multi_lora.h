@@ -36,28 +36,35 @@ constexpr int kSgmvTile = 8;           // rows per block on the SGMV path
 
 NF4LORA_HD int64_t row_at(const int64_t* order, int64_t p) { return order ? order[p] : p; }
 
-// The run of equal adapter ids that starts at position p of a tile ending at p1: fills rows[0:n]
-// (rows[n:T] repeat rows[0], so every read stays in bounds), *adapter, *n; returns the next p.
+// The run of equal adapter ids that starts at position p (< p1) of a tile ending at p1: fills
+// rows[0:n] (rows[n:T] repeat rows[0], so every read stays in bounds), *adapter, *n; returns the
+// next p. Every index is a compile-time constant after unrolling (no local memory on the GPU).
 template <int T>
 NF4LORA_HD int64_t next_run(const int64_t* idx, const int64_t* order, int64_t p, int64_t p1,
                             int64_t* adapter, int64_t rows[T], int* n) {
   const int64_t e = idx[row_at(order, p)];
   int c = 0;
-  int64_t q = p;
-  while (q < p1 && c < T && idx[row_at(order, q)] == e) rows[c++] = row_at(order, q++);
-  for (int t = c; t < T; ++t) rows[t] = rows[0];
+  bool open = true;
+  NF4LORA_UNROLL
+  for (int t = 0; t < T; ++t) {
+    open = open && p + t < p1 && idx[row_at(order, p + t)] == e;
+    rows[t] = open ? row_at(order, p + t) : rows[0];
+    c += open ? 1 : 0;
+  }
   *adapter = e;
   *n = c;
-  return q;
+  return p + c;
 }
 
 // One lane's shrink partials: acc[t] = sum over k = lane, lane + 32, ... < K of x[rows[t], k] a[k]
 template <int T>
 NF4LORA_HD void shrink_lane(const void* x, DType dt, int64_t K, const int64_t rows[T],
                             const float* a_row, int lane, float acc[T]) {
+  NF4LORA_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = 0.0f;
   for (int64_t k = lane; k < K; k += 32) {
     const float a = a_row[k];
+    NF4LORA_UNROLL
     for (int t = 0; t < T; ++t) acc[t] += a * load_as_f32(x, dt, rows[t] * K + k);
   }
 }
@@ -66,9 +73,11 @@ NF4LORA_HD void shrink_lane(const void* x, DType dt, int64_t K, const int64_t ro
 template <int T>
 NF4LORA_HD void expand_col(const float* u, int64_t r, const int64_t rows[T], const float* b_row,
                            float acc[T]) {
+  NF4LORA_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = 0.0f;
   for (int64_t j = 0; j < r; ++j) {
     const float b = b_row[j];
+    NF4LORA_UNROLL
     for (int t = 0; t < T; ++t) acc[t] += u[rows[t] * r + j] * b;
   }
 }
