@@ -8,7 +8,7 @@ then the multi-adapter LoRA term added in place by the device's kernel.
   cuda     nf4lora._C_cuda: cuda.nf4_linear (base) + multi_lora_add (csrc/cuda/multi_lora.h)
 
 sgmv_min_rows (0: the default): on the CPU an adapter with at least this many rows in the batch
-takes SGMV (kSgmvMinRows = 4), the rest BGMV; on CUDA the whole batch takes SGMV (rows sorted by
+takes SGMV (kSgmvMinRows = 2), the rest BGMV; on CUDA the whole batch takes SGMV (rows sorted by
 adapter) when it has at least this many rows (default 128), else BGMV (one row per block). Either
 way 1 forces SGMV and a value above M forces BGMV. `impl="ref"` (CPU) runs the csrc/ref twins.
 """
