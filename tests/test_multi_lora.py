@@ -183,12 +183,15 @@ def _backend(x, q, A, B, idx, s, bias, min_rows, impl="fast"):
 
 @pytest.mark.parametrize("tier", tiers())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("min_rows", [0, 1, 10**6, 3])
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("min_rows", [0, 1, 10**6])
 @pytest.mark.parametrize("M,N,K", [(44, 100, 96), (131, 70, 200), (7, 17, 33)])
-def test_kernel_matches_ref_on_every_path(tier, dtype, min_rows, M, N, K):
-    """The C++ kernel (BGMV, SGMV, both) against the csrc/ref twin on the same base: the LoRA sums
-    agree to fp32 rounding, so fp32 outputs to 1e-6 and 16-bit ones to one rounding step."""
+def test_kernel_matches_ref_on_every_path(tier, dtype, pool, min_rows, M, N, K):
+    """The C++ kernel (BGMV, SGMV, both; fp32 and 16-bit pools) against the csrc/ref twin on the
+    same base: the LoRA sums agree to fp32 rounding, so fp32 outputs to 1e-6 and 16-bit ones to one
+    rounding step."""
     x, q, A, B, _, s, bias, _ = make_case(M, N, K, 10, dtype=dtype, seed=M)
+    A, B = A.to(pool), B.to(pool)
     idx = _runs_idx(M, M)
     with nl.max_cpu_isa(tier):
         want = _backend(x, q, A, B, idx, s, bias, min_rows, impl="ref")
@@ -203,6 +206,19 @@ def test_kernel_matches_ref_on_every_path(tier, dtype, min_rows, M, N, K):
     # the base rows are untouched by the LoRA pass
     keep = idx == -1
     assert torch.equal(got[keep], base[keep])
+
+
+@pytest.mark.parametrize("pool", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_16bit_pools_equal_their_values_in_fp32(pool, dtype):
+    """A 16-bit pool gives what the same (rounded) numbers give as a float32 pool: the kernels
+    convert on load and sum in fp32."""
+    x, q, A, B, idx, s, bias, _ = make_case(50, 130, 256, 8, dtype=dtype, seed=11)
+    A16, B16 = A.to(pool), B.to(pool)
+    for min_rows in (1, 1000):
+        got = nl.multi_lora_linear(x, q, A16, B16, idx, s, bias, sgmv_min_rows=min_rows)
+        want = nl.multi_lora_linear(x, q, A16.float(), B16.float(), idx, s, bias, sgmv_min_rows=min_rows)
+        assert rel_err(got, want) <= (1e-6 if dtype == torch.float32 else 2e-3)
 
 
 def test_sgmv_and_bgmv_agree_with_each_other():
@@ -266,7 +282,8 @@ def _good():
     (dict(adapter_idx=torch.tensor([0, -2, 0, 0, 0, 0])), ValueError, "adapter_idx"),
     (dict(adapter_idx=torch.tensor([0, 1, 2])), ValueError, "adapter_idx"),
     (dict(adapter_idx=torch.zeros(6)), ValueError, "adapter_idx"),
-    (dict(A_pool=torch.zeros(3, 16, 64, dtype=torch.bfloat16)), ValueError, "A_pool"),
+    (dict(A_pool=torch.zeros(3, 16, 64, dtype=torch.float64)), ValueError, "A_pool"),
+    (dict(B_pool=torch.zeros(3, 24, 16, dtype=torch.bfloat16)), ValueError, "B_pool"),
     (dict(A_pool=torch.zeros(3, 16, 65)), ValueError, "A_pool"),
     (dict(A_pool=torch.zeros(16, 64)), ValueError, "A_pool"),
     (dict(A_pool=torch.zeros(0, 16, 64)), ValueError, "A_pool"),

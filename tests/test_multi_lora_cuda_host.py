@@ -29,6 +29,9 @@ def case(M, N, K, E, r, dtype, seed):
     return x, A, B, s, idx, y0
 
 
+PCODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
 def run_emulation(x, A, B, s, idx, y0, sgmv):
     M, K = x.shape
     E, N, r = B.shape
@@ -37,7 +40,7 @@ def run_emulation(x, A, B, s, idx, y0, sgmv):
     order = torch.argsort(idx, stable=True) if sgmv else None
     _C_cuda.multi_lora_emulate_host(x.data_ptr(), CODE[x.dtype], M, K, N, A.data_ptr(), B.data_ptr(),
                                     idx.data_ptr(), 0 if order is None else order.data_ptr(),
-                                    s.data_ptr(), E, r, u.data_ptr(), y.data_ptr(), sgmv)
+                                    s.data_ptr(), E, r, u.data_ptr(), y.data_ptr(), sgmv, PCODE[A.dtype])
     return y, u
 
 
@@ -46,16 +49,18 @@ def run_ref(x, A, B, s, idx, y0):
     E, N, r = B.shape
     y = y0.clone()
     _native._C.multi_lora_add(x.data_ptr(), CODE[x.dtype], M, K, N, A.data_ptr(), B.data_ptr(),
-                              idx.data_ptr(), s.data_ptr(), E, r, y.data_ptr(), 0, "ref")
+                              idx.data_ptr(), s.data_ptr(), E, r, y.data_ptr(), 0, "ref", PCODE[A.dtype])
     return y
 
 
 @pytest.mark.parametrize("sgmv", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pool", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K,E,r", [(1, 300, 64, 1, 4), (19, 257, 100, 4, 16), (40, 64, 33, 7, 8),
                                        (9, 513, 96, 3, 20)])
-def test_emulated_kernels_match_ref(sgmv, dtype, M, N, K, E, r):
+def test_emulated_kernels_match_ref(sgmv, dtype, pool, M, N, K, E, r):
     x, A, B, s, idx, y0 = case(M, N, K, E, r, dtype, seed=M * 7 + r)
+    A, B = A.to(pool), B.to(pool)
     y, u = run_emulation(x, A, B, s, idx, y0, sgmv)
     want = run_ref(x, A, B, s, idx, y0)
     used = idx >= 0
@@ -68,7 +73,7 @@ def test_emulated_kernels_match_ref(sgmv, dtype, M, N, K, E, r):
         torch.testing.assert_close(y.float(), want.float(), rtol=2 ** -7, atol=1e-3)
     # u equals x A^T of each row's adapter
     for m in used.nonzero().squeeze(1).tolist():
-        want_u = x[m].float() @ A[int(idx[m])].t()
+        want_u = x[m].float() @ A[int(idx[m])].float().t()
         assert rel_err(u[m], want_u) <= 1e-5
 
 

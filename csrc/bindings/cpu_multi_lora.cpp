@@ -12,10 +12,11 @@ using namespace bind;
 
 namespace {
 MultiLoraArgs make_args(uintptr_t A_pool, uintptr_t B_pool, uintptr_t idx, uintptr_t scalings,
-                        int64_t E, int64_t r) {
+                        int64_t E, int64_t r, int pool_dtype) {
   MultiLoraArgs a;
-  a.A_pool = ptr<const float>(A_pool);
-  a.B_pool = ptr<const float>(B_pool);
+  a.A_pool = ptr<const void>(A_pool);
+  a.B_pool = ptr<const void>(B_pool);
+  a.pool_dtype = to_dtype(pool_dtype);
   a.idx = ptr<const int64_t>(idx);
   a.scalings = ptr<const float>(scalings);
   a.E = E;
@@ -29,8 +30,8 @@ void register_cpu_multi_lora(py::module_& m) {
       "multi_lora_add",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, uintptr_t A_pool,
          uintptr_t B_pool, uintptr_t idx, uintptr_t scalings, int64_t E, int64_t r, uintptr_t y,
-         int64_t sgmv_min_rows, const std::string& impl) {
-        const MultiLoraArgs a = make_args(A_pool, B_pool, idx, scalings, E, r);
+         int64_t sgmv_min_rows, const std::string& impl, int pool_dtype) {
+        const MultiLoraArgs a = make_args(A_pool, B_pool, idx, scalings, E, r, pool_dtype);
         const DType d = to_dtype(dtype);
         const bool ref = use_ref(impl);
         Status s;
@@ -43,8 +44,9 @@ void register_cpu_multi_lora(py::module_& m) {
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("A_pool"),
       py::arg("B_pool"), py::arg("idx"), py::arg("scalings"), py::arg("E"), py::arg("r"),
-      py::arg("y"), py::arg("sgmv_min_rows") = 0, py::arg("impl") = "fast",
-      "y [M, N] (holds the base) += s_e (x A_e^T) B_e^T per row, e = idx[m] >= 0");
+      py::arg("y"), py::arg("sgmv_min_rows") = 0, py::arg("impl") = "fast", py::arg("pool_dtype") = 0,
+      "y [M, N] (holds the base) += s_e (x A_e^T) B_e^T per row, e = idx[m] >= 0; pools in "
+      "pool_dtype (0 f32, 1 f16, 2 bf16)");
   m.def(
       "multi_lora_plan",
       [](uintptr_t idx, int64_t M, int64_t E, int64_t sgmv_min_rows) {

@@ -27,8 +27,8 @@ void warp_sum_host(std::array<std::array<float, T>, 32>& v) {
 }
 
 template <int T>
-void emulate(const void* x, DType dt, int64_t M, int64_t K, int64_t N, const float* A_pool,
-             const float* B_pool, const int64_t* idx, const int64_t* order, const float* scalings,
+void emulate(const void* x, DType dt, int64_t M, int64_t K, int64_t N, const void* A_pool,
+             const void* B_pool, DType pdt, const int64_t* idx, const int64_t* order, const float* scalings,
              int64_t E, int64_t r, float* u, void* y) {
   using namespace cuda::mlora;
   const int64_t gx = (M + T - 1) / T, gy = (N + kExpandCols - 1) / kExpandCols;
@@ -43,7 +43,7 @@ void emulate(const void* x, DType dt, int64_t M, int64_t K, int64_t N, const flo
         for (int64_t j = warp; j < r; j += kWarps) {
           std::array<std::array<float, T>, 32> acc;
           for (int lane = 0; lane < 32; ++lane)
-            shrink_lane<T>(x, dt, K, rows, A_pool + (e * r + j) * K, lane, acc[lane].data());
+            shrink_lane<T>(x, dt, K, rows, A_pool, pdt, (e * r + j) * K, lane, acc[lane].data());
           warp_sum_host<T>(acc);
           for (int t = 0; t < n; ++t) u[rows[t] * r + j] = acc[0][t];
         }
@@ -61,7 +61,7 @@ void emulate(const void* x, DType dt, int64_t M, int64_t K, int64_t N, const flo
           p = next_run<T>(idx, order, p, p1, &e, rows, &n);
           if (e < 0 || e >= E) continue;
           float acc[T];
-          expand_col<T>(u, r, rows, B_pool + (e * N + col) * r, acc);
+          expand_col<T>(u, r, rows, B_pool, pdt, (e * N + col) * r, acc);
           for (int t = 0; t < n; ++t) add_out(y, dt, rows[t] * N + col, scalings[e], acc[t]);
         }
       }
@@ -74,35 +74,36 @@ void register_cuda_multi_lora(py::module_& m) {
       "multi_lora_add",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, uintptr_t A_pool,
          uintptr_t B_pool, uintptr_t idx, uintptr_t order, uintptr_t scalings, int64_t E, int64_t r,
-         uintptr_t u, uintptr_t y, bool sgmv, uintptr_t stream) {
-        const DType d = to_dtype(dtype);
+         uintptr_t u, uintptr_t y, bool sgmv, uintptr_t stream, int pool_dtype) {
+        const DType d = to_dtype(dtype), pd = to_dtype(pool_dtype);
         py::gil_scoped_release nogil;
-        check_cuda(cuda::multi_lora_add(ptr<const void>(x), d, M, K, N, ptr<const float>(A_pool),
-                                        ptr<const float>(B_pool), ptr<const int64_t>(idx),
+        check_cuda(cuda::multi_lora_add(ptr<const void>(x), d, M, K, N, ptr<const void>(A_pool),
+                                        ptr<const void>(B_pool), pd, ptr<const int64_t>(idx),
                                         ptr<const int64_t>(order), ptr<const float>(scalings), E, r,
                                         ptr<float>(u), ptr<void>(y), sgmv, cuda::as_stream(stream)),
                    "multi_lora_add");
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("A_pool"),
       py::arg("B_pool"), py::arg("idx"), py::arg("order"), py::arg("scalings"), py::arg("E"),
-      py::arg("r"), py::arg("u"), py::arg("y"), py::arg("sgmv"), py::arg("stream"));
+      py::arg("r"), py::arg("u"), py::arg("y"), py::arg("sgmv"), py::arg("stream"),
+      py::arg("pool_dtype") = 0);
   m.def(
       "multi_lora_emulate_host",
       [](uintptr_t x, int dtype, int64_t M, int64_t K, int64_t N, uintptr_t A_pool,
          uintptr_t B_pool, uintptr_t idx, uintptr_t order, uintptr_t scalings, int64_t E, int64_t r,
-         uintptr_t u, uintptr_t y, bool sgmv) {
-        const DType d = to_dtype(dtype);
+         uintptr_t u, uintptr_t y, bool sgmv, int pool_dtype) {
+        const DType d = to_dtype(dtype), pd = to_dtype(pool_dtype);
         if (M < 0 || K <= 0 || N <= 0 || E <= 0 || r <= 0) throw py::value_error("bad sizes");
         if (sgmv && !order) throw py::value_error("sgmv needs order");
         py::gil_scoped_release nogil;
         (sgmv ? emulate<cuda::mlora::kSgmvTile> : emulate<1>)(
-            ptr<const void>(x), d, M, K, N, ptr<const float>(A_pool), ptr<const float>(B_pool),
+            ptr<const void>(x), d, M, K, N, ptr<const void>(A_pool), ptr<const void>(B_pool), pd,
             ptr<const int64_t>(idx), sgmv ? ptr<const int64_t>(order) : nullptr,
             ptr<const float>(scalings), E, r, ptr<float>(u), ptr<void>(y));
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("K"), py::arg("N"), py::arg("A_pool"),
       py::arg("B_pool"), py::arg("idx"), py::arg("order"), py::arg("scalings"), py::arg("E"),
-      py::arg("r"), py::arg("u"), py::arg("y"), py::arg("sgmv"),
+      py::arg("r"), py::arg("u"), py::arg("y"), py::arg("sgmv"), py::arg("pool_dtype") = 0,
       "CPU emulation of the multi_lora_add kernels on host memory (tests)");
   m.attr("MULTI_LORA_SGMV_TILE") = cuda::mlora::kSgmvTile;
 }

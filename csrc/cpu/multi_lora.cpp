@@ -26,6 +26,11 @@ const MultiLoraKernels* kernels() {
 // Per calling thread, kept between calls (kept_scratch.h): x in fp32 and u = x A^T.
 thread_local KeptBuf t_xf, t_u;
 
+// Element `offset` of a pool stored in dtype d
+const void* pool_at(const void* pool, DType d, int64_t offset) {
+  return static_cast<const char*>(pool) + offset * dtype_size(d);
+}
+
 struct Task {
   int64_t group;
   int64_t a, b;  // shrink: rows [a, b) of plan.rows; expand: columns [a, b)
@@ -104,7 +109,8 @@ Status multi_lora_add_cpu(const void* x, DType dtype, int64_t M, int64_t K, int6
   for (int64_t i = 0; i < ntasks; ++i) {
     const Task& t = tasks[i];
     const int64_t e = plan.groups[t.group].adapter;
-    kern->shrink(xf, K, plan.rows.data() + t.a, t.b - t.a, a.A_pool + e * r * K, r, u);
+    kern->shrink(xf, K, plan.rows.data() + t.a, t.b - t.a, pool_at(a.A_pool, a.pool_dtype, e * r * K),
+                 a.pool_dtype, r, u);
   }
 
   // expand: y += s u B^T, one task per (group, column chunk)
@@ -120,13 +126,13 @@ Status multi_lora_add_cpu(const void* x, DType dtype, int64_t M, int64_t K, int6
       const Task& t = tasks[i];
       const MultiLoraGroup& gr = plan.groups[t.group];
       const int64_t e = gr.adapter;
-      const float* B = a.B_pool + e * N * r;
+      const void* B = pool_at(a.B_pool, a.pool_dtype, e * N * r);
       const float s = a.scalings[e];
       if (gr.sgmv)
-        kern->expand_rows(u, r, plan.rows.data() + gr.begin, gr.end - gr.begin, B, t.a, t.b, s, y,
-                          dtype, N, bt.data());
+        kern->expand_rows(u, r, plan.rows.data() + gr.begin, gr.end - gr.begin, B, a.pool_dtype,
+                          t.a, t.b, s, y, dtype, N, bt.data());
       else
-        kern->expand_row(u + plan.rows[gr.begin] * r, B, r, t.a, t.b, s, y, dtype,
+        kern->expand_row(u + plan.rows[gr.begin] * r, B, a.pool_dtype, r, t.a, t.b, s, y, dtype,
                          plan.rows[gr.begin], N);
     }
   }

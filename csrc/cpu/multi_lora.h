@@ -49,17 +49,18 @@ Status multi_lora_add_cpu(const void* x, DType dtype, int64_t M, int64_t K, int6
 // The ISA the kernels above run: "avx512", "avx2" or "ref" (scalar reference).
 const char* multi_lora_isa();
 
-// ---- ISA kernels (csrc/cpu/multi_lora_avx512.cpp, multi_lora_avx2.cpp), fp32 operands ----
-// shrink:     u[rows[i]][0:r] += xf[rows[i]] . A[j] (j < r), i < nrows; A [r, K] one adapter
+// ---- ISA kernels (csrc/cpu/multi_lora_avx512.cpp, multi_lora_avx2.cpp); x, u fp32, the
+// adapter's A [r, K] / B [N, r] in pdt (fp32, fp16 or bf16, converted on load) ----
+// shrink:     u[rows[i]][0:r] += xf[rows[i]] . A[j] (j < r), i < nrows
 // expand_row: y[yrow, n0:n1] += s * (B[n] . u)  for one row u [r] (BGMV)
 // expand_rows: y[rows[i], n0:n1] += s * u[rows[i]] B[n0:n1]^T, i < nrows (SGMV); bt: r * 16 floats
 struct MultiLoraKernels {
-  void (*shrink)(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, const float* A,
-                 int64_t r, float* u);
-  void (*expand_row)(const float* u, const float* B, int64_t r, int64_t n0, int64_t n1, float s,
-                     void* y, DType dt, int64_t yrow, int64_t N);
+  void (*shrink)(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, const void* A,
+                 DType pdt, int64_t r, float* u);
+  void (*expand_row)(const float* u, const void* B, DType pdt, int64_t r, int64_t n0, int64_t n1,
+                     float s, void* y, DType dt, int64_t yrow, int64_t N);
   void (*expand_rows)(const float* u, int64_t r, const int64_t* rows, int64_t nrows,
-                      const float* B, int64_t n0, int64_t n1, float s, void* y, DType dt,
+                      const void* B, DType pdt, int64_t n0, int64_t n1, float s, void* y, DType dt,
                       int64_t N, float* bt);
 };
 extern const MultiLoraKernels kMultiLoraAvx512;

@@ -7,6 +7,7 @@
 //   expand_row:  BGMV: y[n0 + i] += s * (B[n0 + i] . u) as dots of length r.
 //   expand_rows: SGMV: the 16 x r block of B gathered once into bt [r][16] (B^T), then each row
 //                is r broadcast FMAs per 16 columns.
+// A and B are fp32, fp16 or bf16 (pools), converted to fp32 as they load; sums are fp32.
 #include "cpu/multi_lora.h"
 #include "cpu/simd_avx512.h"
 
@@ -50,28 +51,26 @@ inline __m512 reduce16(__m512 a[16]) {
                        _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// Lane i (< nr) = sum_{l < L} left[l] * right[i * ld + l]; lanes >= nr are garbage (they repeat
-// the last row, so every load stays inside the operands).
-inline __m512 dots(const float* left, const float* right, int64_t ld, int64_t nr, int64_t L) {
-  const float* rp[16];
-  for (int i = 0; i < 16; ++i) rp[i] = right + std::min<int64_t>(i, nr - 1) * ld;
+// Lane i (< nr) = sum_{l < L} left[l] * right[i * ld + l], right in dtype P; lanes >= nr are
+// garbage (they repeat the last row, so every load stays inside the operands).
+template <DType P>
+inline __m512 dots(const float* left, const void* right, int64_t ld, int64_t nr, int64_t L) {
+  int64_t ro[16];  // element offsets of the right rows
+  for (int i = 0; i < 16; ++i) ro[i] = std::min<int64_t>(i, nr - 1) * ld;
   __m512 acc[16];
   for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-  int64_t l = 0;
-  for (; l + 16 <= L; l += 16) {
-    const __m512 xv = _mm512_loadu_ps(left + l);
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(rp[i] + l), xv, acc[i]);
-  }
-  if (l < L) {
+  for (int64_t l = 0; l < L; l += 16) {
     const __mmask16 m = tail16(L - l);
     const __m512 xv = _mm512_maskz_loadu_ps(m, left + l);
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, rp[i] + l), xv, acc[i]);
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_fmadd_ps(load16(right, P, ro[i] + l, m), xv, acc[i]);
   }
   return reduce16(acc);
 }
 
-void shrink(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, const float* A,
-            int64_t r, float* u) {
+template <DType P>
+void shrink_t(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, const void* A,
+              int64_t r, float* u) {
+  const int64_t esz = dtype_size(P);
   for (int64_t k0 = 0; k0 < K; k0 += kShrinkChunk) {
     const int64_t kc = std::min(kShrinkChunk, K - k0);
     for (int64_t i = 0; i < nrows; ++i) {
@@ -79,34 +78,48 @@ void shrink(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, cons
       float* ur = u + rows[i] * r;
       for (int64_t j0 = 0; j0 < r; j0 += 16) {
         const __mmask16 m = tail16(r - j0);
-        const __m512 d = dots(xr, A + j0 * K + k0, K, std::min<int64_t>(16, r - j0), kc);
+        const void* a = static_cast<const char*>(A) + (j0 * K + k0) * esz;
+        const __m512 d = dots<P>(xr, a, K, std::min<int64_t>(16, r - j0), kc);
         _mm512_mask_storeu_ps(ur + j0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, ur + j0), d));
       }
     }
   }
 }
 
-void expand_row(const float* u, const float* B, int64_t r, int64_t n0, int64_t n1, float s,
-                void* y, DType dt, int64_t yrow, int64_t N) {
+template <DType P>
+void expand_row_t(const float* u, const void* B, int64_t r, int64_t n0, int64_t n1, float s,
+                  void* y, DType dt, int64_t yrow, int64_t N) {
   const __m512 sv = _mm512_set1_ps(s);
   for (int64_t n = n0; n < n1; n += 16) {
     const int64_t nr = std::min<int64_t>(16, n1 - n);
     const __mmask16 m = tail16(nr);
-    const __m512 d = dots(u, B + n * r, r, nr, r);
+    const __m512 d = dots<P>(u, static_cast<const char*>(B) + n * r * dtype_size(P), r, nr, r);
     const int64_t off = yrow * N + n;
     store16(y, dt, off, m, _mm512_add_ps(load16(y, dt, off, m), _mm512_mul_ps(sv, d)));
   }
 }
 
-void expand_rows(const float* u, int64_t r, const int64_t* rows, int64_t nrows, const float* B,
-                 int64_t n0, int64_t n1, float s, void* y, DType dt, int64_t N, float* bt) {
+// bt[j][c] = B[n + c][j] for c < nc (0 beyond): fp32 B by masked gathers, 16-bit B element-wise
+// (a 32-bit gather of 16-bit elements could read past the pool's end)
+inline void transpose_block(const void* B, DType pdt, int64_t r, int64_t n, int64_t nc, float* bt) {
+  if (pdt == DType::kF32) {
+    const __m512i stride = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(r)));
+    const float* b = static_cast<const float*>(B) + n * r;
+    for (int64_t j = 0; j < r; ++j)
+      _mm512_storeu_ps(bt + j * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), tail16(nc), stride, b + j, 4));
+    return;
+  }
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t c = 0; c < 16; ++c) bt[j * 16 + c] = c < nc ? load_as_f32(B, pdt, (n + c) * r + j) : 0.0f;
+}
+
+void expand_rows(const float* u, int64_t r, const int64_t* rows, int64_t nrows, const void* B,
+                 DType pdt, int64_t n0, int64_t n1, float s, void* y, DType dt, int64_t N, float* bt) {
   const __m512 sv = _mm512_set1_ps(s);
-  const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(static_cast<int>(r)));
   for (int64_t n = n0; n < n1; n += 16) {
     const __mmask16 m = tail16(n1 - n);
-    for (int64_t j = 0; j < r; ++j)  // bt[j][c] = B[n + c][j]
-      _mm512_storeu_ps(bt + j * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, stride, B + n * r + j, 4));
+    transpose_block(B, pdt, r, n, std::min<int64_t>(16, n1 - n), bt);
     for (int64_t i = 0; i < nrows; ++i) {
       const float* ur = u + rows[i] * r;
       __m512 acc = _mm512_setzero_ps();
@@ -115,6 +128,20 @@ void expand_rows(const float* u, int64_t r, const int64_t* rows, int64_t nrows, 
       store16(y, dt, off, m, _mm512_add_ps(load16(y, dt, off, m), _mm512_mul_ps(sv, acc)));
     }
   }
+}
+
+void shrink(const float* xf, int64_t K, const int64_t* rows, int64_t nrows, const void* A, DType pdt,
+            int64_t r, float* u) {
+  (pdt == DType::kF32 ? shrink_t<DType::kF32> : pdt == DType::kF16 ? shrink_t<DType::kF16>
+                                                                   : shrink_t<DType::kBF16>)(
+      xf, K, rows, nrows, A, r, u);
+}
+
+void expand_row(const float* u, const void* B, DType pdt, int64_t r, int64_t n0, int64_t n1, float s,
+                void* y, DType dt, int64_t yrow, int64_t N) {
+  (pdt == DType::kF32 ? expand_row_t<DType::kF32> : pdt == DType::kF16 ? expand_row_t<DType::kF16>
+                                                                       : expand_row_t<DType::kBF16>)(
+      u, B, r, n0, n1, s, y, dt, yrow, N);
 }
 
 }  // namespace

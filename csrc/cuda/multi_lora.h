@@ -57,26 +57,28 @@ NF4LORA_HD int64_t next_run(const int64_t* idx, const int64_t* order, int64_t p,
 }
 
 // One lane's shrink partials: acc[t] = sum over k = lane, lane + 32, ... < K of x[rows[t], k] a[k]
+// (a: A_e's row j, elements a0 .. a0 + K of the pool A in pdt)
 template <int T>
 NF4LORA_HD void shrink_lane(const void* x, DType dt, int64_t K, const int64_t rows[T],
-                            const float* a_row, int lane, float acc[T]) {
+                            const void* A, DType pdt, int64_t a0, int lane, float acc[T]) {
   NF4LORA_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = 0.0f;
   for (int64_t k = lane; k < K; k += 32) {
-    const float a = a_row[k];
+    const float a = load_as_f32(A, pdt, a0 + k);
     NF4LORA_UNROLL
     for (int t = 0; t < T; ++t) acc[t] += a * load_as_f32(x, dt, rows[t] * K + k);
   }
 }
 
-// One thread's expand sums for its column: acc[t] = u[rows[t], :] . b_row[0:r]
+// One thread's expand sums for its column: acc[t] = u[rows[t], :] . b[0:r] (b: B_e's row n,
+// elements b0 .. b0 + r of the pool B in pdt)
 template <int T>
-NF4LORA_HD void expand_col(const float* u, int64_t r, const int64_t rows[T], const float* b_row,
-                           float acc[T]) {
+NF4LORA_HD void expand_col(const float* u, int64_t r, const int64_t rows[T], const void* B,
+                           DType pdt, int64_t b0, float acc[T]) {
   NF4LORA_UNROLL
   for (int t = 0; t < T; ++t) acc[t] = 0.0f;
   for (int64_t j = 0; j < r; ++j) {
-    const float b = b_row[j];
+    const float b = load_as_f32(B, pdt, b0 + j);
     NF4LORA_UNROLL
     for (int t = 0; t < T; ++t) acc[t] += u[rows[t] * r + j] * b;
   }
@@ -89,9 +91,10 @@ NF4LORA_HD void add_out(void* y, DType dt, int64_t i, float s, float v) {
 
 }  // namespace mlora
 
-// The launcher (device pointers; `u` float32 [M, r] workspace; order required when sgmv).
+// The launcher (device pointers; pools in pdt = f32/f16/bf16; `u` float32 [M, r] workspace;
+// order required when sgmv).
 Status multi_lora_add(const void* x, DType dt, int64_t M, int64_t K, int64_t N,
-                      const float* A_pool, const float* B_pool, const int64_t* idx,
+                      const void* A_pool, const void* B_pool, DType pdt, const int64_t* idx,
                       const int64_t* order, const float* scalings, int64_t E, int64_t r, float* u,
                       void* y, bool sgmv, cudaStream_t stream);
 

@@ -23,16 +23,16 @@ Status multi_lora_add_ref(const void* x, DType dtype, int64_t M, int64_t K, int6
   for (int64_t m = 0; m < M; ++m) {
     const int64_t e = a.idx[m];
     if (e < 0) continue;
-    const float* A = a.A_pool + e * r * K;
-    const float* B = a.B_pool + e * N * r;
+    const int64_t a0 = e * r * K, b0 = e * N * r;  // element offsets of A_e, B_e
     for (int64_t j = 0; j < r; ++j) {  // u = x[m] A_e^T
       float acc = 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += load_as_f32(x, dtype, m * K + k) * A[j * K + k];
+      for (int64_t k = 0; k < K; ++k)
+        acc += load_as_f32(x, dtype, m * K + k) * load_as_f32(a.A_pool, a.pool_dtype, a0 + j * K + k);
       u[j] = acc;
     }
     for (int64_t n = 0; n < N; ++n) {  // y[m] += s_e u B_e^T
       float l = 0.0f;
-      for (int64_t j = 0; j < r; ++j) l += u[j] * B[n * r + j];
+      for (int64_t j = 0; j < r; ++j) l += u[j] * load_as_f32(a.B_pool, a.pool_dtype, b0 + n * r + j);
       store_from_f32(y, dtype, m * N + n, load_as_f32(y, dtype, m * N + n) + a.scalings[e] * l);
     }
   }

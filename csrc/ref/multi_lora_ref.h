@@ -3,9 +3,10 @@
 //
 //   y[m] += s_e * (x[m] A_e^T) B_e^T      (e >= 0; e == -1: the row is left as it is, base only)
 //
-// A_pool [E, r, K], B_pool [E, N, r], scalings [E] float32; x [M, K], y [M, N] in one activation
-// dtype (y holds the base x W^T + b on entry; the sum is formed in fp32 and rounded once to the
-// dtype). Adapters of smaller rank are zero-padded to r: padded rows of A_e and columns of B_e
+// A_pool [E, r, K], B_pool [E, N, r] in pool_dtype (fp32, fp16 or bf16: 16-bit pools halve the
+// bytes a many-adapter batch reads), scalings [E] float32; x [M, K], y [M, N] in one activation
+// dtype (y holds the base x W^T + b on entry; u = x A^T and the LoRA sum are formed in fp32 and
+// added to y, rounded once to its dtype). Adapters of smaller rank are zero-padded to r: padded rows of A_e and columns of B_e
 // must be zero (they then add exact zeros).
 #pragma once
 #include <cstdint>
@@ -17,12 +18,13 @@
 namespace nf4lora {
 
 struct MultiLoraArgs {
-  const float* A_pool = nullptr;    // [E, r, K]
-  const float* B_pool = nullptr;    // [E, N, r]
+  const void* A_pool = nullptr;     // [E, r, K] in pool_dtype
+  const void* B_pool = nullptr;     // [E, N, r] in pool_dtype
   const int64_t* idx = nullptr;     // [M], each -1 or in [0, E)
   const float* scalings = nullptr;  // [E]
   int64_t E = 0;
   int64_t r = 0;
+  DType pool_dtype = DType::kF32;
 };
 
 // Sizes, pointers and every idx in [-1, E) (the launchers' argument check; no kernel runs on

@@ -17,11 +17,12 @@ def multi_lora_linear(x, q, A_pool, B_pool, adapter_idx, scalings, bias=None, *,
     e = -1 leaves row m at the base x[m] W^T + bias.
 
     x [..., K] float32/float16/bfloat16 (float64 through the pure-torch backend); q an NF4Tensor
-    [N, K]; A_pool [E, r, K] and B_pool [E, N, r] float32 (float64 for float64 x), contiguous, on
-    x's device (PEFT's lora_A.weight / lora_B.weight of each adapter, stacked); adapter_idx integer
-    with shape x.shape[:-1]; scalings [E] (alpha / r of each adapter; finite). Adapters of lower rank
-    are zero-padded to r: rows r_e.. of A_pool[e] and columns r_e.. of B_pool[e] must be zero.
-    Returns [..., N] in x's dtype.
+    [N, K]; A_pool [E, r, K] and B_pool [E, N, r] in one of float32/float16/bfloat16 (float64 for
+    float64 x), contiguous, on x's device (PEFT's lora_A.weight / lora_B.weight of each adapter,
+    stacked; 16-bit pools halve the bytes a batch over many adapters reads, the sums stay float32
+    either way); adapter_idx integer with shape x.shape[:-1]; scalings [E] (alpha / r of each
+    adapter; finite). Adapters of lower rank are zero-padded to r: rows r_e.. of A_pool[e] and
+    columns r_e.. of B_pool[e] must be zero. Returns [..., N] in x's dtype.
 
     The base NF4 GEMM runs once for all rows (the fused linear's base path); then each row's
     low-rank term comes from its own adapter: rows grouped by adapter (SGMV) where an adapter has
@@ -39,8 +40,9 @@ def multi_lora_linear(x, q, A_pool, B_pool, adapter_idx, scalings, bias=None, *,
     if not isinstance(scalings, torch.Tensor):
         scalings = torch.as_tensor(scalings, dtype=torch.float32, device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    check_tensor("A_pool", A_pool, dtypes=(acc,), dim=3)
-    check_tensor("B_pool", B_pool, dtypes=(acc,), dim=3)
+    pool_dtypes = (torch.float64,) if acc == torch.float64 else (torch.float32, torch.float16, torch.bfloat16)
+    check_tensor("A_pool", A_pool, dtypes=pool_dtypes, dim=3)
+    check_tensor("B_pool", B_pool, dtypes=(A_pool.dtype,), dim=3)
     check_tensor("scalings", scalings, dim=1, contiguous=False,  # finite: checked by the op
                  dtypes=(torch.float32, torch.float64, torch.float16, torch.bfloat16))
     check_tensor("adapter_idx", adapter_idx, contiguous=False, nonempty=False,

@@ -36,11 +36,11 @@ def multi_lora_linear_default(x, packed, absmax, absmax2, code8, offset, blocksi
     _check(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, A_pool, B_pool,
            adapter_idx, scalings, bias)
     y = default.nf4_linear(x, packed, absmax, absmax2, code8, offset, blocksize, out_features, bias)
-    acc = A_pool.dtype
+    acc = scalings.dtype  # float32, or float64 for float64 x
     for e in torch.unique(adapter_idx[adapter_idx >= 0]).tolist():
         rows = (adapter_idx == e).nonzero().squeeze(1)
-        u = x[rows].to(acc) @ A_pool[e].t()
-        y[rows] = (y[rows].to(acc) + scalings[e] * (u @ B_pool[e].t())).to(y.dtype)
+        u = x[rows].to(acc) @ A_pool[e].to(acc).t()
+        y[rows] = (y[rows].to(acc) + scalings[e] * (u @ B_pool[e].to(acc).t())).to(y.dtype)
     return y
 
 
@@ -59,7 +59,7 @@ def multi_lora_linear_cpu(x, packed, absmax, absmax2, code8, offset, blocksize, 
         E, r = A_pool.shape[0], A_pool.shape[1]
         _C.multi_lora_add(x.data_ptr(), DTYPE_CODE[x.dtype], M, K, out_features, A_pool.data_ptr(),
                           B_pool.data_ptr(), adapter_idx.data_ptr(), scalings.data_ptr(), E, r,
-                          y.data_ptr(), sgmv_min_rows, impl)
+                          y.data_ptr(), sgmv_min_rows, impl, DTYPE_CODE[A_pool.dtype])
     return y
 
 
@@ -90,7 +90,7 @@ def multi_lora_linear_cuda(x, packed, absmax, absmax2, code8, offset, blocksize,
                                A_pool.data_ptr(), B_pool.data_ptr(), adapter_idx.data_ptr(),
                                0 if order is None else order.data_ptr(), scalings.data_ptr(), E, r,
                                u.data_ptr(), y.data_ptr(), sgmv,
-                               torch.cuda.current_stream(x.device).cuda_stream)
+                               torch.cuda.current_stream(x.device).cuda_stream, DTYPE_CODE[A_pool.dtype])
     return y
 
 

@@ -165,16 +165,22 @@ def seed_value(dropout_p, seed):
 
 def check_multi_lora_args(x, N, K, A_pool, B_pool, adapter_idx, scalings, bias):
     """multi_lora_linear's LoRA-side arguments against x [M, K] and W [N, K] (ValueError naming
-    them; the NF4 state is checked by check_linear_args). adapter_idx values in [-1, E)."""
+    them; the NF4 state is checked by check_linear_args). Pools fp32/fp16/bf16 (one dtype; fp64
+    for fp64 x), scalings fp32 (fp64), adapter_idx int64 with values in [-1, E)."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     for name, t, dim in (("A_pool", A_pool, 3), ("B_pool", B_pool, 3), ("adapter_idx", adapter_idx, 1),
                          ("scalings", scalings, 1)):
         _check_tensor_arg(name, t, x.device)
         if t.dim() != dim:
             raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    for name, t in (("A_pool", A_pool), ("B_pool", B_pool), ("scalings", scalings)):
-        if t.dtype != acc:
-            raise ValueError(f"{name} must be {_name(acc)} for x of dtype {_name(x.dtype)}, got {_name(t.dtype)}")
+    pool_dtypes = (torch.float64,) if acc == torch.float64 else (torch.float32, torch.float16, torch.bfloat16)
+    if A_pool.dtype not in pool_dtypes:
+        raise ValueError(f"A_pool must have dtype in ({', '.join(map(_name, pool_dtypes))}) for x of dtype "
+                         f"{_name(x.dtype)}, got {_name(A_pool.dtype)}")
+    if B_pool.dtype != A_pool.dtype:
+        raise ValueError(f"B_pool must have A_pool's dtype {_name(A_pool.dtype)}, got {_name(B_pool.dtype)}")
+    if scalings.dtype != acc:
+        raise ValueError(f"scalings must be {_name(acc)} for x of dtype {_name(x.dtype)}, got {_name(scalings.dtype)}")
     if adapter_idx.dtype != torch.int64:
         raise ValueError(f"adapter_idx must be int64, got {_name(adapter_idx.dtype)}")
     E, r = A_pool.shape[0], A_pool.shape[1]
