@@ -6,7 +6,8 @@ the distinct adapters), for a batch of M rows spread over 1, 4, 16 and 64 distin
     python bench/bench_multi_lora.py              # K = N = 4096, M = 64, r = 16, bf16 and fp32
     python bench/bench_multi_lora.py --quick      # K = N = 512, 3 repeats: checks that it runs
 
-Each repeat runs every method once in turn (interleaved, so drift hits all alike); the table gives
+Our pools hold the adapters in the activation dtype by default (PEFT's adapters are in it too;
+--pool-dtype float32 for fp32 pools). Each repeat runs every method once in turn (interleaved, so drift hits all alike); the table gives
 medians. Targets (issue 14): 64 distinct adapters cost <= 1.3x one adapter (ours), and ours >= 5x
 faster than PEFT's loop at 64 adapters. Inference: everything under torch.inference_mode().
 """
@@ -75,6 +76,8 @@ def main(argv=None):
     ap.add_argument("--adapters", default="1,4,16,64")
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--pool-dtype", default="act", help="dtype of our adapter pools: 'act' (the "
+                    "activation dtype, as PEFT's adapters are; default), float32, bfloat16 or float16")
     ap.add_argument("--no-peft", action="store_true", help="skip the bitsandbytes + PEFT baseline")
     ap.add_argument("--quick", action="store_true", help="K = N = 512, 3 repeats (a smoke run)")
     args = ap.parse_args(argv)
@@ -91,7 +94,10 @@ def main(argv=None):
         dtype = getattr(torch, dname)
         t0 = time.perf_counter()
         peft, ours, (A, B, s), q, names = build(args.K, args.N, E, args.r, dtype, not args.no_peft)
-        print(f"[{dname}] built the models in {time.perf_counter() - t0:.1f} s"
+        pool_dtype = dtype if args.pool_dtype == "act" else getattr(torch, args.pool_dtype)
+        A, B = A.to(pool_dtype), B.to(pool_dtype)
+        print(f"[{dname}] built the models in {time.perf_counter() - t0:.1f} s; our pools in "
+              f"{str(pool_dtype).replace('torch.', '')}"
               + ("" if peft is not None else " (no bitsandbytes/PEFT: that column is NaN)"))
         g = torch.Generator().manual_seed(1)
         x = torch.randn(args.M, args.K, generator=g).to(dtype)
