@@ -319,10 +319,11 @@ def test_bad_input_at_the_op_level_too():
     with pytest.raises(ValueError, match="adapter_idx must be int64"):
         ops.multi_lora_linear(*base, a["A_pool"], a["B_pool"], a["adapter_idx"].int(), a["scalings"],
                               None, 0)
+    bad, y = torch.tensor([0, 9, 0, 0, 0, 0]), torch.zeros(6, 24)  # alive across the call
     with pytest.raises(ValueError, match="adapter_idx out of range"):  # the kernel's own check
         _native._C.multi_lora_add(a["x"].data_ptr(), 0, 6, 64, 24, a["A_pool"].data_ptr(),
-                                  a["B_pool"].data_ptr(), torch.tensor([0, 9, 0, 0, 0, 0]).data_ptr(),
-                                  a["scalings"].data_ptr(), 3, 16, torch.zeros(6, 24).data_ptr())
+                                  a["B_pool"].data_ptr(), bad.data_ptr(), a["scalings"].data_ptr(),
+                                  3, 16, y.data_ptr())
 
 
 def test_grad_is_refused_clearly():
