@@ -20,58 +20,94 @@ def _dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
 
-class NF4Tensor:
-    """Packed NF4 codes plus the quantization state of one weight.
+class NF4Tensor(torch.Tensor):
+    """A weight in NF4: a torch.Tensor subclass whose shape and dtype are the logical weight's
+    ([out_features, in_features] and the compute dtype), holding the packed codes and the
+    (optionally double-quantized) block scales as inner tensors (the wrapper-subclass pattern:
+    __tensor_flatten__ / __tensor_unflatten__, so torch.compile and FSDP2 see through it).
 
-    Attributes (n = prod(shape), nb = ceil(n / blocksize)):
+    Inner tensors (n = prod(shape), nb = ceil(n / blocksize)):
       packed    uint8 [(n+1)//2]           two codes per byte, element 2i in the high nibble
       absmax    float32 [nb], or uint8 [nb] codes into code8 when double-quantized
-      absmax2   float32 [ceil(nb/256)] or None (bitsandbytes' nested_absmax)
+      absmax2   float32 [nn] or None        (bitsandbytes' nested_absmax, one per 256 blocks)
       code8     float32 [256] or None       (bitsandbytes' nested_quant_map)
-      offset    float                       (bitsandbytes' nested_offset)
-      shape, dtype (of the original weight), blocksize
+    Metadata: blocksize and offset (bitsandbytes' nested_offset).
+    A row shard (FSDP2, nf4_fsdp.py) holds its rows' codes and block scales and the whole weight's
+    nested scales (4 bytes per 16384 weights): the kernels' state check accepts it only when its
+    nested scales index from its own first block, so a shard computes correctly or is refused.
+
+    Only what a weight needs is defined on it (nf4_dispatch.py: detach, to/_to_copy, clone, copy_,
+    view/as_strided/split/slice/new_zeros for FSDP2, F.linear through the fused op); any other op
+    raises instead of dequantizing silently.
     """
 
-    __slots__ = ("packed", "absmax", "absmax2", "code8", "offset", "shape", "dtype", "blocksize")
-
-    def __init__(self, packed, absmax, shape, dtype, blocksize, absmax2=None, code8=None, offset=0.0):
+    @staticmethod
+    def __new__(cls, packed, absmax, shape, dtype, blocksize, absmax2=None, code8=None, offset=0.0,
+                _checked=False):
         shape = torch.Size(shape)
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-        check_blocksize(blocksize)
-        if (absmax2 is None) != (code8 is None):
-            raise ValueError("absmax2 and code8 must be given together (double quantization)")
-        if not isinstance(packed, torch.Tensor):
-            raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-            raise ValueError(f"offset must be a finite float, got {offset!r}")
-        packed = packed.reshape(-1)
-        check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
-        self.packed, self.absmax, self.absmax2, self.code8 = packed, absmax, absmax2, code8
-        self.offset = float(offset)
-        self.shape, self.dtype, self.blocksize = shape, dtype, int(blocksize)
+        if not _checked:
+            if dtype not in FLOAT_DTYPES:
+                raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+            check_blocksize(blocksize)
+            if (absmax2 is None) != (code8 is None):
+                raise ValueError("absmax2 and code8 must be given together (double quantization)")
+            if not isinstance(packed, torch.Tensor):
+                raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+            if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+                raise ValueError(f"offset must be a finite float, got {offset!r}")
+            packed = packed.reshape(-1)
+            check_nf4_state(packed, absmax, absmax2, code8, blocksize, shape, offset)
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=packed.device,
+                                                   requires_grad=False)
+        self.packed, self.absmax, self.absmax2, self.code8 = packed.reshape(-1), absmax, absmax2, code8
+        self.offset, self.blocksize = float(offset), int(blocksize)
+        return self
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        pass
 
     @classmethod
     def _wrap(cls, packed, absmax, shape, dtype, blocksize, absmax2=None, code8=None, offset=0.0):
-        """Internal: wrap tensors that were validated when they were stored (QLoRALinear's own
-        buffers), without re-checking them on every forward. The ops still check the state before
-        any kernel reads it."""
-        self = cls.__new__(cls)
-        self.packed, self.absmax, self.absmax2, self.code8 = packed.reshape(-1), absmax, absmax2, code8
-        self.offset, self.shape, self.dtype, self.blocksize = offset, torch.Size(shape), dtype, blocksize
-        return self
+        """Internal: wrap inner tensors that are already known to be consistent (derived from a
+        checked NF4Tensor by an op), without re-checking them."""
+        return cls(packed, absmax, shape, dtype, blocksize, absmax2, code8, offset, _checked=True)
+
+    # ------------------------------------------------------------------ subclass protocol
+    _INNER = ("packed", "absmax", "absmax2", "code8")
+
+    def __tensor_flatten__(self):
+        names = [n for n in self._INNER if getattr(self, n) is not None]
+        return names, (self.dtype, self.blocksize, self.offset)
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, meta, outer_size, outer_stride):
+        dtype, blocksize, offset = meta
+        return cls._wrap(inner["packed"], inner["absmax"], outer_size, dtype, blocksize,
+                         inner.get("absmax2"), inner.get("code8"), offset)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from .nf4_dispatch import dispatch
+        return dispatch(func, args, kwargs or {})
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from .nf4_dispatch import torch_function
+        return torch_function(func, types, args, kwargs or {})
+
+    # FSDP2's all-gather extension (nf4_fsdp.py): only codes and block scales travel
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        from .nf4_fsdp import fsdp_pre_all_gather
+        return fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        from .nf4_fsdp import fsdp_post_all_gather
+        return fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
 
     # ------------------------------------------------------------------ properties
     @property
     def double_quant(self) -> bool:
         return self.absmax2 is not None
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -81,28 +117,16 @@ class NF4Tensor:
     def tensors(self):
         return [t for t in (self.packed, self.absmax, self.absmax2, self.code8) if t is not None]
 
-    def __repr__(self):
+    def __repr__(self, *, tensor_contents=None):
         dq = ", double_quant" if self.double_quant else ""
         return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={_dtype_name(self.dtype)}, "
                 f"blocksize={self.blocksize}{dq}, device={self.device})")
 
     # ------------------------------------------------------------------ conversion
     def _map(self, fn):
-        return NF4Tensor(fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize,
-                         None if self.absmax2 is None else fn(self.absmax2),
-                         None if self.code8 is None else fn(self.code8), self.offset)
-
-    def to(self, device) -> "NF4Tensor":
-        return self._map(lambda t: t.to(device))
-
-    def cpu(self):
-        return self.to("cpu")
-
-    def cuda(self, device=None):
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
-
-    def clone(self):
-        return self._map(torch.clone)
+        return NF4Tensor._wrap(fn(self.packed), fn(self.absmax), self.shape, self.dtype, self.blocksize,
+                               None if self.absmax2 is None else fn(self.absmax2),
+                               None if self.code8 is None else fn(self.code8), self.offset)
 
     def block_absmax(self) -> torch.Tensor:
         """float32 [nb]: the per-block scales (decoded when double-quantized)."""

@@ -34,6 +34,8 @@ from torch import nn
 
 from .functional import nf4_linear, qlora_linear
 from .nf4 import NF4Tensor, quantize_nf4
+from .nf4_dispatch import same_nf4_layout
+from .nf4_fsdp import load_nf4_entries, nf4_local, nf4_state_dict_entries
 
 
 # Names of adapter parameter containers in a QLoRALinear (PEFT's names): a parameter whose name has
@@ -329,27 +331,32 @@ class QLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- the NF4 weight
     def _set_weight(self, q: NF4Tensor):
-        # `weight` holds the packed codes in bitsandbytes' layout [(n+1)//2, 1]; the scales are
-        # non-persistent buffers written under bitsandbytes' keys by _save_to_state_dict.
-        self.register_buffer("weight", q.packed.reshape(-1, 1))
-        self.register_buffer("weight_absmax", q.absmax, persistent=False)
-        self.register_buffer("weight_absmax2", q.absmax2, persistent=False)
-        self.register_buffer("weight_code8", q.code8, persistent=False)
-        self.weight_offset, self.weight_dtype, self.blocksize = q.offset, q.dtype, q.blocksize
+        # `weight` is the NF4Tensor itself, a frozen Parameter: weight.shape / .dtype are the
+        # logical [out_features, in_features] and compute dtype that transformers, PEFT and the
+        # distributed engine expect; the state dict still holds bitsandbytes' keys (below).
+        self.weight = nn.Parameter(q, requires_grad=False)
         self.register_buffer("weight_row_sqnorm", None, persistent=False)  # DoRA's ||W_n||^2, lazily
 
     @property
     def nf4_weight(self) -> NF4Tensor:
-        """The frozen weight as an NF4Tensor view of this module's buffers (current device)."""
-        return NF4Tensor._wrap(self.weight, self.weight_absmax, (self.out_features, self.in_features),
-                               self.weight_dtype, self.blocksize, self.weight_absmax2,
-                               self.weight_code8, self.weight_offset)
+        """The frozen weight (the NF4Tensor parameter itself)."""
+        w = self.weight
+        if not isinstance(w, NF4Tensor):
+            raise RuntimeError(f"this layer's weight is a {type(w).__name__} (sharded by FSDP?): the "
+                               "whole NF4 weight exists only inside the sharded module's forward")
+        return w
+
+    @property
+    def weight_dtype(self):
+        return self.weight.dtype
+
+    @property
+    def blocksize(self):
+        return nf4_local(self.weight).blocksize
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight, bias
-        for k, v in self.nf4_weight.to_bnb_state_dict(prefix + "weight").items():
-            if k != prefix + "weight":
-                destination[k] = v if keep_vars else v.detach()
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # weight (replaced below), bias
+        destination.update(nf4_state_dict_entries(self.weight, prefix + "weight", keep_vars))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -357,23 +364,43 @@ class QLoRALinear(nn.Module):
         if wkey + ".quant_state.bitsandbytes__nf4" in state_dict:
             sub = {k: v for k, v in state_dict.items() if k == wkey or k.startswith(wkey + ".")}
             try:
-                q = NF4Tensor.from_bnb_state_dict(sub, prefix=wkey)
+                q = load_nf4_entries(self.weight, sub, wkey)
             except (KeyError, ValueError) as e:
                 error_msgs.append(f"{wkey}: {e}")
-                return
-            if tuple(q.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"{wkey}: shape {tuple(q.shape)} does not match this layer's "
-                                  f"{(self.out_features, self.in_features)}")
-                return
-            self._set_weight(q.to(self.weight.device))
-            if self.merged_adapters:
-                self._remerge()
+                q = None
+            if q is not None:
+                if q is nf4_local(self.weight):  # a sharded weight, loaded into its shard in place
+                    self._load_weight(q)
+                elif tuple(q.shape) != (self.out_features, self.in_features):
+                    error_msgs.append(f"{wkey}: shape {tuple(q.shape)} does not match this layer's "
+                                      f"{(self.out_features, self.in_features)}")
+                else:
+                    self._load_weight(q)
         elif strict:
             missing_keys.append(wkey + ".quant_state.bitsandbytes__nf4")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+        # bias (and nothing else of this module's own) through torch's loader, the weight kept out
+        rest = {k: v for k, v in state_dict.items() if k != wkey}
+        n_missing = len(missing_keys)
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != wkey]
         # torch reports dotted keys under a leaf module as unexpected; the weight.* ones are ours
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(wkey + ".")]
+
+    def _load_weight(self, q):
+        """Put a loaded NF4 weight in place: copied into the existing parameter when the layouts
+        match (optimizers, FSDP and hooks keep their references), replaced otherwise."""
+        w = self.weight
+        if q is nf4_local(w):  # loaded in place (a sharded weight)
+            pass
+        elif isinstance(w, NF4Tensor) and same_nf4_layout(w, q):
+            with torch.no_grad():
+                w.copy_(q.to(w.device))
+        else:
+            self._set_weight(q.to(self.weight.device))
+        self.weight_row_sqnorm = None
+        if self.merged_adapters:
+            self._remerge()
 
     # ---------------------------------------------------------------- DoRA
     @torch.no_grad()
@@ -544,6 +571,6 @@ class QLoRALinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
                 f"scaling={self.scaling:g}, lora_dropout={self.lora_dropout}, "
-                f"blocksize={self.blocksize}, double_quant={self.weight_absmax2 is not None}, "
+                f"blocksize={self.blocksize}, double_quant={nf4_local(self.weight).double_quant}, "
                 f"adapters=[{adapters}], active={self.active_adapters}"
                 + (f", merged={self.merged_adapters}" if self.merged_adapters else ""))

@@ -142,6 +142,13 @@ class PagedAdamW(torch.optim.Optimizer):
         return torch.empty((numel,), dtype=dtype, device=dev, pin_memory=pinned)
 
     def _init_state(self, p, group):
+        if _is_dtensor(p):  # FSDP2: state shards like its parameter (this rank's rows)
+            if group["optim_bits"] == 8:
+                raise ValueError("PagedAdamW: optim_bits=8 is not supported for sharded (DTensor) "
+                                 "parameters; use optim_bits=32 under FSDP2")
+            return {"step": 0, **{name: _like_param(p, torch.zeros_like(p._local_tensor,
+                                                                        dtype=torch.float32))
+                                  for name in _STATE32}}
         n = p.numel()
         eight = group["optim_bits"] == 8 and n >= group["min_8bit_size"]
         st = {"step": 0}
@@ -172,11 +179,16 @@ class PagedAdamW(torch.optim.Optimizer):
                 g = p.grad
                 if g is None or p.numel() == 0:
                     continue
-                if g.layout != torch.strided or g.dtype != p.dtype or g.is_complex():
-                    _bad_grad(p, g, f"param {pi} of group {gi}, shape {tuple(p.shape)}")
                 st = self.state[p]
                 if not st:
                     st.update(self._init_state(p, group))
+                if _is_dtensor(p):  # the kernels update this rank's shard
+                    p, g = p._local_tensor, g._local_tensor
+                    if p.numel() == 0:
+                        st["step"] += 1
+                        continue
+                if g.layout != torch.strided or g.dtype != p.dtype or g.is_complex():
+                    _bad_grad(p, g, f"param {pi} of group {gi}, shape {tuple(p.shape)}")
                 st["step"] += 1
                 eight = st["exp_avg"].dtype == torch.uint8
                 names = _STATE8 if eight else _STATE32
@@ -184,7 +196,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 lists[0].append(p)
                 lists[1].append(g)
                 for lst, name in zip(lists[2:], names):
-                    lst.append(st[name])
+                    lst.append(_local_flat(st[name]))
             for (eight, _, step), lists in batches.items():
                 op = torch.ops.nf4lora.adamw8bit_step_multi if eight else torch.ops.nf4lora.adamw_step_multi
                 op(*lists, lr, b1, b2, eps, wd, step, group["page_size"])
@@ -233,6 +245,8 @@ class PagedAdamW(torch.optim.Optimizer):
             self.state[p] = self._restore_param_state(p, g, st, key)
 
     def _restore_param_state(self, p, group, st, key):
+        if _is_dtensor(p):
+            return self._restore_sharded_state(p, st, key)
         n = p.numel()
         if not isinstance(st, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
             raise ValueError(f"state of param {key} must hold 'step', 'exp_avg', 'exp_avg_sq'")
@@ -255,3 +269,41 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"state of param {key}: {name} must be {dtype} with {numel} elements, got {got}")
             out[name] = self._empty(p, group, numel, dtype).copy_(t.reshape(-1))
         return out
+
+    def _restore_sharded_state(self, p, st, key):
+        """A sharded parameter's state: DTensors laid out like it (this rank's shard), as
+        torch.distributed.checkpoint hands them back."""
+        if not isinstance(st, dict) or not {"step", *_STATE32} <= set(st):
+            raise ValueError(f"state of param {key} must hold 'step', 'exp_avg', 'exp_avg_sq'")
+        step = st["step"]
+        step = int(step.item()) if isinstance(step, torch.Tensor) else step
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state of param {key}: step must be an int >= 0, got {step!r}")
+        out = {"step": step}
+        local = p._local_tensor
+        for name in _STATE32:
+            t = st[name]
+            t = t._local_tensor if _is_dtensor(t) else t
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != local.numel():
+                raise ValueError(f"state of param {key}: {name} must be float32 with this rank's "
+                                 f"{local.numel()} elements")
+            out[name] = _like_param(p, t.to(local.device, copy=True).reshape(local.shape))
+        return out
+
+
+def _is_dtensor(t):
+    from .nf4_fsdp import _is_dtensor as is_dtensor
+    return is_dtensor(t)
+
+
+def _like_param(p, local):
+    """A state tensor sharded like the DTensor parameter p, from this rank's part `local`."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                              stride=p.stride())
+
+
+def _local_flat(t):
+    """The flat view the kernels update: this rank's part of a sharded state tensor, or t."""
+    return t._local_tensor.view(-1) if _is_dtensor(t) else t
+

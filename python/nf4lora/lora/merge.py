@@ -58,7 +58,7 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
         if requantize:
             q = quantize_nf4(w.to(dtype or layer.weight_dtype),
                              blocksize=blocksize or layer.blocksize,
-                             double_quant=layer.weight_absmax2 is not None if double_quant is None
+                             double_quant=layer.nf4_weight.double_quant if double_quant is None
                              else double_quant)
             new = QLoRALinear(q, layer.bias, r=0)
             stored = q.dequantize(torch.float32)

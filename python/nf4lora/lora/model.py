@@ -32,6 +32,18 @@ def _set_child(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+    if isinstance(new, QLoRALinear):
+        _ddp_ignore(model, name + ".weight")
+
+
+def _ddp_ignore(model, param_name):
+    """DistributedDataParallel broadcasts every parameter from rank 0 at construction by
+    concatenating them into one dense buffer, which an NF4Tensor cannot join (and need not: it is
+    frozen, and every rank loads the same checkpoint). DDP skips the names listed here; the
+    adapters' parameters stay in DDP's broadcast and gradient all-reduce."""
+    ignored = model.__dict__.setdefault("_ddp_params_and_buffers_to_ignore", [])
+    if param_name not in ignored:
+        ignored.append(param_name)
 
 
 def _check_dropout(name, p):
