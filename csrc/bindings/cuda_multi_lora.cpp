@@ -32,23 +32,24 @@ void emulate(const void* x, DType dt, int64_t M, int64_t K, int64_t N, const voi
              int64_t E, int64_t r, float* u, void* y) {
   using namespace cuda::mlora;
   const int64_t gx = (M + T - 1) / T, gy = (N + kExpandCols - 1) / kExpandCols;
-  for (int64_t b = 0; b < gx; ++b) {  // shrink_kernel
-    const int64_t p0 = b * T, p1 = std::min(M, p0 + T);
-    for (int64_t p = p0; p < p1;) {
-      int64_t e, rows[T];
-      int n;
-      p = next_run<T>(idx, order, p, p1, &e, rows, &n);
-      if (e < 0 || e >= E) continue;
-      for (int warp = 0; warp < kWarps; ++warp)
-        for (int64_t j = warp; j < r; j += kWarps) {
+  for (int64_t b = 0; b < gx; ++b)  // shrink_kernel: blocks (b, by), warps, lanes
+    for (int64_t by = 0; by < shrink_blocks_y(r); ++by)
+      for (int warp = 0; warp < kWarps; ++warp) {
+        const int64_t j = shrink_rank(by, warp);
+        if (j >= r) continue;
+        const int64_t p0 = b * T, p1 = std::min(M, p0 + T);
+        for (int64_t p = p0; p < p1;) {
+          int64_t e, rows[T];
+          int n;
+          p = next_run<T>(idx, order, p, p1, &e, rows, &n);
+          if (e < 0 || e >= E) continue;
           std::array<std::array<float, T>, 32> acc;
           for (int lane = 0; lane < 32; ++lane)
             shrink_lane<T>(x, dt, K, rows, A_pool, pdt, (e * r + j) * K, lane, acc[lane].data());
           warp_sum_host<T>(acc);
           for (int t = 0; t < n; ++t) u[rows[t] * r + j] = acc[0][t];
         }
-    }
-  }
+      }
   for (int64_t b = 0; b < gx; ++b)  // expand_kernel
     for (int64_t by = 0; by < gy; ++by)
       for (int th = 0; th < kThreads; ++th) {

@@ -9,8 +9,9 @@
 //   BGMV  T = 1, order null: one row per block, any row order (decode batches: M blocks).
 //   SGMV  T = kSgmvTile, order = rows sorted by adapter (torch.argsort, stable): a run's A_e row /
 //         B_e row is loaded once per tile and used for up to T rows.
-// Shrink: 8 warps per block, warp w takes A rows j = w, w + 8, ...; a lane sums k = lane, lane + 32,
-// ... for every row of the run, then a butterfly of __shfl_xor_sync. Expand: one output column per
+// Shrink: one A row j per warp (blockIdx.y picks the group of 8 ranks, so a decode batch of one row
+// still spreads r / 8 blocks); a lane sums k = lane, lane + 32, ... for every row of the run, then
+// a butterfly of __shfl_xor_sync. Expand: one output column per
 // thread, kExpandCols per block; the thread reads B_e[n, 0:r] and adds s * u[row] . B_e[n] to each
 // row of the run. Rows whose id is outside [0, E) are skipped (the Python layer rejects them first).
 //
@@ -35,6 +36,10 @@ constexpr int kExpandCols = kThreads;  // one output column per thread
 constexpr int kSgmvTile = 8;           // rows per block on the SGMV path
 
 NF4LORA_HD int64_t row_at(const int64_t* order, int64_t p) { return order ? order[p] : p; }
+
+// Shrink grid: blocks along y for r ranks, and the rank warp w of block y computes (>= r: none)
+NF4LORA_HD int64_t shrink_blocks_y(int64_t r) { return (r + kWarps - 1) / kWarps; }
+NF4LORA_HD int64_t shrink_rank(int64_t block_y, int warp) { return block_y * kWarps + warp; }
 
 // The run of equal adapter ids that starts at position p (< p1) of a tile ending at p1: fills
 // rows[0:n] (rows[n:T] repeat rows[0], so every read stays in bounds), *adapter, *n; returns the
