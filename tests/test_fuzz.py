@@ -1,5 +1,5 @@
 """Fuzzing the public ops with hypothesis: quantize_nf4, dequantize_nf4, nf4_linear, qlora_linear
-(forward and backward), NF4Tensor and PagedAdamW over random shapes (0 and 1 included), dtypes,
+(forward and backward), multi_lora_linear, NF4Tensor and PagedAdamW over random shapes (0 and 1 included), dtypes,
 strides and views, blocksizes, dropout, mixed ranks and non-finite values. Each case runs in a
 forked worker (tests/fuzz_utils.py) and must equal the reference (the pure-torch backend, or
 float64 math on the dequantized weight within the DESIGN.md error model) or raise a Python
@@ -204,6 +204,60 @@ def test_fuzz_linear(request):
                              seed=seed, backward=backward))
 
     fuzz_settings(request, 80)(run)()
+
+
+def _check_multi_lora(x, q, A, B, idx, s, bias, min_rows):
+    y = nl.multi_lora_linear(x, q, A, B, idx, s, bias, sgmv_min_rows=min_rows)
+    N = q.shape[0]
+    assert y.shape == (*x.shape[:-1], N) and y.dtype == x.dtype
+    if y.numel() == 0:
+        return
+    W = nl.dequantize_nf4(q, torch.float64)
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    ref = x2 @ W.t() + (0 if bias is None else bias.double())
+    for m, e in enumerate(idx.reshape(-1).tolist()):
+        if e >= 0:
+            ref[m] += float(s[e]) * (x2[m] @ A[e].double().t()) @ B[e].double().t()
+    assert rel_err(y, ref.reshape(y.shape)) <= TOL[x.dtype], f"y: rel err {rel_err(y, ref.reshape(y.shape))}"
+
+
+def test_fuzz_multi_lora(request):
+    """multi_lora_linear over random shapes (empty batches included), dtypes, pool dtypes, views of
+    x, ranks, adapter counts, index patterns and SGMV/BGMV thresholds; sometimes an index out of
+    [-1, E), a non-finite scaling or a pool of the wrong dtype, which must be an error naming it."""
+    @st.composite
+    def cases(draw):
+        N = draw(st.sampled_from([1, 3, 32, 33, 65, 130]))
+        K = draw(st.sampled_from([1, 3, 31, 32, 64, 65, 130]))
+        q = nl.quantize_nf4(torch.randn(N, K, generator=_seed_gen(draw(st.integers(0, 1000)))),
+                            draw(st.sampled_from(BLOCKSIZES[:4])), double_quant=draw(st.booleans()))
+        dtype = draw(st.sampled_from(ACT))
+        lead = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 17, 40]), min_size=1, max_size=2))
+        x = draw(tensors([*lead, K], dtype, scale=1.0))
+        E, r = draw(st.sampled_from([1, 2, 5, 16])), draw(st.sampled_from([1, 4, 8, 16, 17]))
+        pools = [torch.float64] if dtype == torch.float64 else [torch.float32, torch.bfloat16, torch.float16]
+        pool = draw(st.sampled_from(pools + [torch.float64 if dtype != torch.float64 else torch.float32]))
+        A = draw(tensors([E, r, K], torch.float64, allow_views=False, scale=0.1)).to(pool)
+        B = draw(tensors([E, N, r], torch.float64, allow_views=False, scale=0.1)).to(pool)
+        g = _seed_gen(draw(st.integers(0, 1000)))
+        idx = torch.randint(-1, E, tuple(lead), generator=g)
+        if idx.numel() and draw(st.integers(0, 9)) == 7:
+            idx.view(-1)[0] = draw(st.sampled_from([E, -2, E + 100]))
+        s = torch.rand(E, generator=g, dtype=torch.float64).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        if draw(st.integers(0, 9)) == 7:
+            s[0] = draw(st.sampled_from([float("nan"), float("inf")]))
+        bias = draw(tensors([N], torch.float32, allow_views=False, scale=1.0)) if draw(st.booleans()) else None
+        return x, q, A, B, idx, s, bias, draw(st.sampled_from([None, 1, 2, 1000]))
+
+    @given(cases())
+    def run(case):
+        x, q, A, B, idx, s, bias, min_rows = case
+        check_case("multi_lora_linear", lambda: _check_multi_lora(*case),
+                   ["adapter_idx", "scalings", "A_pool", "B_pool"],
+                   _describe(x=x, q=q, A_pool=A, B_pool=B, adapter_idx=idx, scalings=s, bias=bias,
+                             sgmv_min_rows=min_rows))
+
+    fuzz_settings(request, 60)(run)()
 
 
 BAD_LINEAR_ARGS = {

@@ -97,6 +97,10 @@ def _samples(name, gen):
               "lora_grad_a": (torch.randn(5, 4, generator=gen), x, 0.5, 0.2, seed)}
     if name in linear:
         return linear[name]
+    if name == "multi_lora_linear":  # more samples in tests/test_multi_lora.py
+        pool_A, pool_B = torch.randn(3, 4, 64, generator=gen), torch.randn(3, 24, 4, generator=gen)
+        return (x, *w, 24, pool_A, pool_B, torch.tensor([0, -1, 2, 0, 1]), torch.rand(3, generator=gen),
+                None, 0)
     optim = {"adamw_step": (32, False), "adamw8bit_step": (8, False), "adamw_step_multi": (32, True),
              "adamw8bit_step_multi": (8, True)}
     if name in optim:

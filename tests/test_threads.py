@@ -81,6 +81,9 @@ def _cases():
         "qlora_fwd": lambda: ops.qlora_fwd(x64, *_w(q), 320, A, B, 0.5, None, 0.1, seed),
         "qlora_bwd_dx": lambda: ops.qlora_bwd_dx(dy, *_w(q), 512, g, A, 0.5, 0.1, seed),
         "lora_grad_a": lambda: ops.lora_grad_a(g, x64, 0.5, 0.1, seed),
+        "multi_lora_linear": lambda: ops.multi_lora_linear(
+            x64, *_w(q), 320, _rand(6, 16, 512, seed=14) * 0.1, _rand(6, 320, 16, seed=15) * 0.1,
+            torch.arange(64) % 7 - 1, _rand(6, seed=16), None, 0),
         "adamw_step": _adamw(False, 32),
         "adamw8bit_step": _adamw(False, 8),
         "adamw_step_multi": _adamw(True, 32),

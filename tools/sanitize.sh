@@ -2,7 +2,7 @@
 # Build nf4lora._C with AddressSanitizer + UndefinedBehaviorSanitizer (CMake option
 # NF4LORA_SANITIZE=address,undefined; CPU module only) into a private folder and run the kernel
 # tests under it. Passes only with zero sanitizer reports.
-#   tools/sanitize.sh            the kernel tests (csrc/ref vs fast paths, quantize, linear,
+#   tools/sanitize.sh            the kernel tests (csrc/ref vs fast paths, quantize, linear, multi-LoRA,
 #                                optimizer, bad input, fuzzing, threads) except those marked slow
 #   tools/sanitize.sh -k gemv    extra arguments go to pytest
 # Python itself is not instrumented, so libasan is preloaded (it must come first in the library
@@ -18,7 +18,7 @@ sanitizers="${NF4LORA_SANITIZE:-address,undefined}"
 mkdir -p "$site" "$logs"
 site="$(cd "$site" && pwd)" logs="$(cd "$logs" && pwd)"
 default_tests="tests/test_quantize.py tests/test_linear*.py tests/test_optim.py tests/test_bad_input.py
-  tests/test_fuzz.py tests/test_fuzz_loaders.py tests/test_threads.py"
+  tests/test_fuzz.py tests/test_fuzz_loaders.py tests/test_threads.py tests/test_multi_lora.py"
 # shellcheck disable=SC2206  (word splitting wanted: a list of test files)
 tests=(${NF4LORA_SAN_TESTS:-$default_tests})
 

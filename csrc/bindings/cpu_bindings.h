@@ -6,4 +6,5 @@ namespace nf4lora {
 void register_cpu_quantize(pybind11::module_& m);
 void register_cpu_linear(pybind11::module_& m);
 void register_cpu_optim(pybind11::module_& m);
+void register_cpu_multi_lora(pybind11::module_& m);
 }  // namespace nf4lora

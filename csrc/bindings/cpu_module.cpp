@@ -63,4 +63,5 @@ PYBIND11_MODULE(_C, m) {
   nf4lora::register_cpu_quantize(m);
   nf4lora::register_cpu_linear(m);
   nf4lora::register_cpu_optim(m);
+  nf4lora::register_cpu_multi_lora(m);
 }

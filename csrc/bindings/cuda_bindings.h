@@ -16,4 +16,5 @@ inline void check_cuda(Status s, const char* launcher, const char* bad_argument_
 void register_cuda_quantize(pybind11::module_& m);
 void register_cuda_optim(pybind11::module_& m);
 void register_cuda_linear(pybind11::module_& m);
+void register_cuda_multi_lora(pybind11::module_& m);
 }  // namespace nf4lora

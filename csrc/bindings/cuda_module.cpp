@@ -21,4 +21,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   nf4lora::register_cuda_quantize(m);
   nf4lora::register_cuda_optim(m);
   nf4lora::register_cuda_linear(m);
+  nf4lora::register_cuda_multi_lora(m);
 }

@@ -5,6 +5,7 @@ LoRA linear (forward and backward), and paged optimizer state; C++ (AVX2/AVX-512
 registered as torch custom ops. See DESIGN.md for the architecture.
 """
 from .functional import nf4_linear, qlora_linear
+from .multi_lora import multi_lora_linear
 from .nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from .nn import QLoRALinear
 from .lora import (add_weighted_adapter, apply_adalora, apply_qlora, apply_vera, bnb_state_dict, delete_adapter,
@@ -17,7 +18,7 @@ from .dispatch import info, max_cpu_isa
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_linear",
+__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_linear", "multi_lora_linear",
            "QLoRALinear", "apply_qlora", "quantize_model", "prepare_for_training", "save_adapter",
            "load_adapter", "set_adapter", "disable_adapter", "delete_adapter", "merge_adapter",
            "unmerge_adapter", "merge_and_unload", "load_bnb_state_dict", "bnb_state_dict",

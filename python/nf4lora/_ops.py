@@ -117,3 +117,21 @@ def _qlora_bwd_dx_fake(dy, packed, absmax, absmax2, code8, offset, blocksize, in
 @torch.library.register_fake(f"{LIB}::lora_grad_a")
 def _lora_grad_a_fake(g, x, scaling, dropout_p, seed):
     return g.new_empty((g.shape[1], x.shape[1]), dtype=_acc(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-adapter serving op (S-LoRA / punica style; DESIGN.md "Many adapters in one batch"):
+# y [M, N] = x W^T + bias + scalings[e] * (x[m] A_pool[e]^T) B_pool[e]^T per row, e = adapter_idx[m]
+# (-1: base only). A_pool [E, r, K], B_pool [E, N, r], scalings [E] float32 (float64 for float64 x),
+# adapter_idx int64 [M]. sgmv_min_rows: the BGMV / SGMV switch (0: the backend's default).
+# Inference only: no autograd formula (backward raises, see multi_lora.py).
+torch.library.define(
+    f"{LIB}::multi_lora_linear",
+    f"(Tensor x, {_W}, int out_features, Tensor A_pool, Tensor B_pool, Tensor adapter_idx, "
+    "Tensor scalings, Tensor? bias, int sgmv_min_rows) -> Tensor")
+
+
+@torch.library.register_fake(f"{LIB}::multi_lora_linear")
+def _multi_lora_linear_fake(x, packed, absmax, absmax2, code8, offset, blocksize, out_features,
+                            A_pool, B_pool, adapter_idx, scalings, bias, sgmv_min_rows):
+    return x.new_empty((x.shape[0], out_features))

@@ -3,3 +3,4 @@ from . import default  # noqa: F401  (pure torch; every device, and float64 on C
 from . import cpu  # noqa: F401
 from . import cpu_linear  # noqa: F401
 from . import cuda  # noqa: F401
+from . import multi_lora  # noqa: F401

@@ -188,3 +188,44 @@ def check_linear_args(x, name, K, packed, absmax, absmax2, code8, blocksize, N, 
 def seed_value(dropout_p, seed):
     """The dropout seed as the int the kernels take (0 when there is no dropout)."""
     return int(seed) if dropout_p > 0.0 else 0
+
+
+def check_multi_lora_args(x, N, K, A_pool, B_pool, adapter_idx, scalings, bias):
+    """multi_lora_linear's LoRA-side arguments against x [M, K] and W [N, K] (ValueError naming
+    them; the NF4 state is checked by check_linear_args). Pools fp32/fp16/bf16 (one dtype; fp64
+    for fp64 x), scalings fp32 (fp64), adapter_idx int64 with values in [-1, E)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    for name, t, dim in (("A_pool", A_pool, 3), ("B_pool", B_pool, 3), ("adapter_idx", adapter_idx, 1),
+                         ("scalings", scalings, 1)):
+        _check_tensor_arg(name, t, x.device)
+        if t.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    pool_dtypes = (torch.float64,) if acc == torch.float64 else (torch.float32, torch.float16, torch.bfloat16)
+    if A_pool.dtype not in pool_dtypes:
+        raise ValueError(f"A_pool must have dtype in ({', '.join(map(_name, pool_dtypes))}) for x of dtype "
+                         f"{_name(x.dtype)}, got {_name(A_pool.dtype)}")
+    if B_pool.dtype != A_pool.dtype:
+        raise ValueError(f"B_pool must have A_pool's dtype {_name(A_pool.dtype)}, got {_name(B_pool.dtype)}")
+    if scalings.dtype != acc:
+        raise ValueError(f"scalings must be {_name(acc)} for x of dtype {_name(x.dtype)}, got {_name(scalings.dtype)}")
+    if adapter_idx.dtype != torch.int64:
+        raise ValueError(f"adapter_idx must be int64, got {_name(adapter_idx.dtype)}")
+    E, r = A_pool.shape[0], A_pool.shape[1]
+    if E == 0 or r == 0 or A_pool.shape[2] != K:
+        raise ValueError(f"A_pool must have shape [E, r, {K}] with E, r >= 1, got {tuple(A_pool.shape)}")
+    if tuple(B_pool.shape) != (E, N, r):
+        raise ValueError(f"B_pool must have shape {(E, N, r)} (E, r from A_pool), got {tuple(B_pool.shape)}")
+    if tuple(scalings.shape) != (E,):
+        raise ValueError(f"scalings must have shape ({E},) (one per adapter of A_pool), got {tuple(scalings.shape)}")
+    if adapter_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"adapter_idx must have shape ({x.shape[0]},) (one per row of x), got "
+                         f"{tuple(adapter_idx.shape)}")
+    if x.shape[0] > 0:
+        lo, hi = int(adapter_idx.min()), int(adapter_idx.max())
+        if lo < -1 or hi >= E:
+            raise ValueError(f"adapter_idx values must be in [-1, {E}) (E = {E} adapters), got "
+                             f"{lo if lo < -1 else hi}")
+    if not bool(torch.isfinite(scalings).all()):
+        raise ValueError("scalings contains NaN or Inf")
+    if bias is not None and bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
