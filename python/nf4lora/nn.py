@@ -290,9 +290,8 @@ class QLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def _term(self, name, h):
-        """s * h A^T B^T for adapter `name` (h already dropped out), in the adapter's dtype."""
-        A, B = self._low_rank(name)
-        return F.linear(F.linear(h.to(A.dtype), A), B) * self.lora_config[name].scaling
+        """Adapter `name`'s term for h (already dropped out), in the adapter's dtype."""
+        return self._kind(name).term(self, name, h)
 
     def _dropped(self, name, x):
         """x in the adapter's dtype, then its dropout (PEFT's order)."""
@@ -323,13 +322,13 @@ class QLoRALinear(nn.Module):
             return nf4_linear(x, q, self.bias)
         first, cfg = act[0], self.lora_config[act[0]]
         p = cfg.lora_dropout if self.training else 0.0
-        if not any(self._kind(a).has_row_scale for a in act):
+        if self._kind(first).fused and not any(self._kind(a).has_row_scale for a in act):
             A, B = self._low_rank(first)
             y = qlora_linear(x, q, A, B, cfg.scaling, self.bias, dropout_p=p)
             for name in act[1:]:  # several active adapters: the extra terms, unfused
                 y = self._add_adapter(y, x, q, name)
             return y
-        if len(act) == 1 and p == 0.0:
+        if len(act) == 1 and p == 0.0 and self._kind(first).fused:
             A, B = self._low_rank(first)
             y = qlora_linear(x, q, A, B, cfg.scaling) * self._kind(first).row_scale(self, first, x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -374,8 +373,7 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def delta_weight(self, adapter_name) -> torch.Tensor:
         """float32 [N, K]: scaling * B @ A of one adapter."""
-        A, B = self._low_rank(adapter_name)
-        return self.lora_config[adapter_name].scaling * (B.float() @ A.float())
+        return self._kind(adapter_name).delta(self, adapter_name)
 
     @torch.no_grad()
     def merged_dense(self, adapter_names=None) -> torch.Tensor:

@@ -9,13 +9,19 @@ An adapter kind (lora.py, dora.py, vera.py, adalora.py) is one object that says,
   create      make its tensors in the layer's containers (PEFT's initialisation)
   params      its trainable tensors
   low_rank    (A [r, K], B [N, r]) with the adapter's term s * dropout(x) A^T B^T: what the fused op
-              runs (differentiable in the kind's own parameters)
+              runs (differentiable in the kind's own parameters); a kind whose term is not one
+              low-rank pair (fused = False: Kronecker, routed experts) overrides term and delta
+  term        s * h A^T B^T for an already dropped-out input h [.., K] (default: from low_rank)
+  delta       the dense [N, K] float32 change of the weight, s B A (merge); a kind that cannot be
+              merged (input-dependent routing) raises a ValueError saying why
   row_scale   None, or a per-output-row factor applied to the base + term (DoRA)
   delete      drop its tensors (generic: every container of the kind)
 The layer (nn.py) is an NF4 base plus one loop over the active adapters that only calls these.
 """
 import dataclasses
 import math
+
+import torch.nn.functional as F
 
 KINDS = {}  # kind name -> AdapterKind instance
 
@@ -107,6 +113,15 @@ class AdapterKind:
         raise NotImplementedError
 
     has_row_scale = False
+    fused = True  # the term is s * x A^T B^T of low_rank(): it can ride in the fused NF4 op
+
+    def term(self, layer, name, h):
+        A, B = self.low_rank(layer, name)
+        return F.linear(F.linear(h.to(A.dtype), A), B) * layer.lora_config[name].scaling
+
+    def delta(self, layer, name):
+        A, B = self.low_rank(layer, name)
+        return layer.lora_config[name].scaling * (B.float() @ A.float())
 
     def row_scale(self, layer, name, dtype):
         """[N] factor on (base + term), or None."""
