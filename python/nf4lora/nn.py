@@ -62,6 +62,7 @@ class QLoRALinear(nn.Module):
         self.active_adapters = []      # names; an absent name is skipped (as PEFT does)
         self.adapters_enabled = True   # False inside disable_adapter(): exactly the base output
         self.merged_adapters = []      # adapters folded into merged_weight
+        self.aux_losses = {}  # adapter -> auxiliary loss of the last forward (MoLoRA: router balance)
         self.batch_adapter_names = None  # per-example adapters (mixed_batch), inference only
         self.register_buffer("merged_weight", None, persistent=False)
         if r > 0:

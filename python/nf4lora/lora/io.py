@@ -37,6 +37,7 @@ _UNSUPPORTED = {
              "use_qalora", "trainable_token_indices", "alora_invocation_tokens"),
     "VERA": ("fan_in_fan_out", "modules_to_save"),
     "ADALORA": ("fan_in_fan_out", "modules_to_save", "use_dora"),
+    "MOLORA": ("fan_in_fan_out", "modules_to_save", "use_dora"),
 }
 
 
@@ -61,6 +62,10 @@ def save_adapter(model, save_directory, adapter_name="default"):
         return _save_vera(model, save_directory, adapter_name, c)
     if c.get("peft_type") == "ADALORA":
         return _save_adalora(model, save_directory, adapter_name, c)
+    if c.get("peft_type") == "MOLORA":  # nf4lora's own layout (PEFT has no mixture of LoRA experts)
+        from .molora import molora_file_config, molora_tensors
+        return _write(save_directory, {**_config_header(model, "MOLORA"), **molora_file_config(c)},
+                      molora_tensors(model, adapter_name))
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
@@ -165,8 +170,8 @@ def _read_config(path):
             raise ValueError(f"{cpath} is not valid UTF-8 JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{cpath} must hold a JSON object")
-    if cfg.get("peft_type") not in ("LORA", "VERA", "ADALORA"):
-        raise ValueError(f"{cpath}: peft_type must be 'LORA', 'VERA' or 'ADALORA', got "
+    if cfg.get("peft_type") not in _CHECK_FIELDS:
+        raise ValueError(f"{cpath}: peft_type must be one of {sorted(_CHECK_FIELDS)}, got "
                          f"{cfg.get('peft_type')!r}")
     for field in _UNSUPPORTED[cfg["peft_type"]]:
         if cfg.get(field):  # every supported value is falsy (False, None, [], {})
@@ -267,7 +272,20 @@ def _check_adalora_fields(cpath, cfg):
         raise ValueError(f"{cpath}: rank_pattern must map module keys to lists of booleans")
 
 
-_CHECK_FIELDS = {"LORA": _check_lora_fields, "VERA": _check_vera_fields, "ADALORA": _check_adalora_fields}
+def _check_molora_fields(cpath, cfg):
+    _check_common_fields(cpath, cfg)
+    _positive_int(cpath, cfg, "r", 8)
+    _positive_int(cpath, cfg, "num_experts", 4)
+    top_k = cfg.get("top_k")
+    if top_k is not None:
+        _positive_int(cpath, cfg, "top_k", 1)
+    for field in ("lora_alpha", "router_aux_loss_coef"):
+        if field in cfg and not _is_number(cfg[field]):
+            raise ValueError(f"{cpath}: {field} must be a finite number, got {cfg[field]!r}")
+
+
+_CHECK_FIELDS = {"LORA": _check_lora_fields, "VERA": _check_vera_fields, "ADALORA": _check_adalora_fields,
+                 "MOLORA": _check_molora_fields}
 
 
 def _read_weights(path):
@@ -364,6 +382,9 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
         return _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     if cfg["peft_type"] == "ADALORA":
         return _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
+    if cfg["peft_type"] == "MOLORA":
+        from .molora import load_molora
+        return load_molora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     tm = cfg["target_modules"]
     names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
                          cfg.get("exclude_modules"))
