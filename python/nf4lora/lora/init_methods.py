@@ -109,7 +109,7 @@ def _check_bool(name, v):
     return v
 
 
-def _check_options(kind, niter, q, r, scaling, generator, options):
+def _check_options(kind, q, r, scaling, generator, options):
     if not isinstance(q, NF4Tensor):
         raise ValueError(f"q must be an NF4Tensor, got {type(q).__name__}")
     if q.dim() != 2:
@@ -142,8 +142,9 @@ def _check_options(kind, niter, q, r, scaling, generator, options):
     _check_bool("compute_error", options.get("compute_error", True))
     if kind == "loftq":
         _check_int("loftq_iter", options.get("loftq_iter", 1), 1)
-        if options.get("loftq_bits", 4) != 4 or isinstance(options.get("loftq_bits", 4), bool):
-            raise ValueError(f"loftq_bits must be 4 (the base is NF4), got {options['loftq_bits']!r}")
+        bits = options.get("loftq_bits", 4)
+        if isinstance(bits, bool) or bits != 4:
+            raise ValueError(f"loftq_bits must be 4 (the base is NF4), got {bits!r}")
         _check_bool("loftq_scaled", options.get("loftq_scaled", False))
 
 
@@ -226,7 +227,7 @@ def init_adapter(method, q: NF4Tensor, r: int, scaling: float, *, generator=None
       loftq_scaled=False   "loftq": divide A and B by sqrt(s) so that s B A = L R.
     """
     kind, niter = parse_method(method)
-    _check_options(kind, niter, q, r, scaling, generator, options)
+    _check_options(kind, q, r, scaling, generator, options)
     scaling = float(scaling)
     N, K = q.shape
     dev = q.device
