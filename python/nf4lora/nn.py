@@ -104,13 +104,16 @@ class QLoRALinear(nn.Module):
             raise
 
     def add_adapter(self, adapter_name, r=8, lora_alpha=8, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, lora_dtype=torch.float32, use_dora=False):
+                    init_lora_weights=True, lora_dtype=torch.float32, use_dora=False, init_options=None):
         """Add a LoRA adapter; use_dora=True makes it a DoRA adapter (magnitude initialised to
-        ||W + s B A||_row, as PEFT)."""
+        ||W + s B A||_row, as PEFT). init_lora_weights takes PEFT's names: True, False, "gaussian",
+        "pissa", "pissa_niter_N", "olora", "loftq" (those last change the NF4 base; init_options
+        as lora/init_methods.init_adapter takes them: weight=the dense weight, loftq_iter)."""
         check_init(init_lora_weights)
         cfg = AdapterConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             use_rslora=bool(use_rslora), use_dora=bool(use_dora))
-        self.add(adapter_name, cfg, init_lora_weights=init_lora_weights, dtype=lora_dtype)
+        self.add(adapter_name, cfg, init_lora_weights=init_lora_weights, dtype=lora_dtype,
+                 init_options=init_options)
 
     def add_vera_adapter(self, adapter_name, projections, r, vera_dropout=0.0, d_initial=0.1,
                          init_weights=True, dtype=torch.float32):

@@ -39,13 +39,16 @@ class DoRA(LoRA):
     parts = LoRA.parts + ("lora_magnitude_vector",)
     has_row_scale = True
 
-    def create(self, layer, name, cfg, init_lora_weights=True, dtype=None):
+    def create(self, layer, name, cfg, init_lora_weights=True, dtype=None, init_options=None):
         layer.lora_magnitude_vector[name] = LoraMagnitude(
             torch.empty(layer.out_features, device=layer.weight.device, dtype=dtype))
-        super().create(layer, name, cfg, init_lora_weights, dtype)
+        super().create(layer, name, cfg, init_lora_weights, dtype, init_options)
 
     def reset(self, layer, name, init_lora_weights=True):
         super().reset(layer, name, init_lora_weights)
+        self.finish(layer, name)
+
+    def finish(self, layer, name):
         layer.lora_magnitude_vector[name].weight.copy_(weight_norm(layer, name))  # m = ||W + s B A||
 
     def params(self, layer, name):

@@ -2,17 +2,37 @@
 [N, r]; term s * dropout(x) A^T B^T, s = alpha / r (alpha / sqrt(r) with use_rslora)."""
 import math
 
+import torch
 from torch import nn
 
 from .base import AdapterConfig, AdapterKind, register
 
-INITS = (True, False, "gaussian")
+INITS = (True, False, "gaussian")  # drawn here; PEFT's other names go through lora/init_methods.py
+
+
+def is_basic_init(init_lora_weights):
+    return any(init_lora_weights is v or init_lora_weights == v for v in INITS)
 
 
 def check_init(init_lora_weights):
-    if not any(init_lora_weights is v or init_lora_weights == v for v in INITS):
-        raise ValueError("init_lora_weights must be True, False or 'gaussian', got "
-                         f"{init_lora_weights!r}")
+    from ..lora.init_methods import parse_method
+    parse_method(init_lora_weights)  # a ValueError naming the accepted values
+
+
+def _from_method(layer, name, cfg, method, dtype, init_options):
+    """PiSSA / OLoRA / LoftQ / pissa_niter_N (lora/init_methods.py): A, B from the method, the
+    base swapped for the method's residual where it changes it; the reconstruction errors before
+    and after land in layer.init_errors[name]."""
+    from ..lora.init_methods import init_adapter
+    res = init_adapter(method, layer.nf4_weight, cfg.r, cfg.scaling, **(init_options or {}))
+    dev = layer.weight.device
+    for which, t in (("lora_A", res.A), ("lora_B", res.B)):
+        lin = nn.Linear(t.shape[1], t.shape[0], bias=False, device="meta")  # no extra RNG draws
+        lin.weight = nn.Parameter(t.to(device=dev, dtype=dtype or torch.float32))
+        getattr(layer, which)[name] = lin
+    if res.base is not None:
+        layer._load_weight(res.base.to(layer.weight.dtype))
+    layer.__dict__.setdefault("init_errors", {})[name] = (res.error_before, res.error_after)
 
 
 class LoRA(AdapterKind):
@@ -21,16 +41,27 @@ class LoRA(AdapterKind):
     containers = {"lora_A": nn.ModuleDict, "lora_B": nn.ModuleDict}
     parts = ("lora_A", "lora_B")
 
-    def create(self, layer, name, cfg, init_lora_weights=True, dtype=None):
+    def create(self, layer, name, cfg, init_lora_weights=True, dtype=None, init_options=None):
+        """init_options: what a PEFT method beyond True / False / "gaussian" takes (weight: the
+        dense weight the NF4 base came from; loftq_iter); see lora/init_methods.init_adapter."""
+        if not is_basic_init(init_lora_weights):
+            _from_method(layer, name, cfg, init_lora_weights, dtype, init_options)
+            self.finish(layer, name)
+            return
         dev = layer.weight.device
         layer.lora_A[name] = nn.Linear(layer.in_features, cfg.r, bias=False, device=dev, dtype=dtype)
         layer.lora_B[name] = nn.Linear(cfg.r, layer.out_features, bias=False, device=dev, dtype=dtype)
         self.reset(layer, name, init_lora_weights)
 
+    def finish(self, layer, name):
+        """After the adapter's weights are set (DoRA: its magnitude from them)."""
+
     def reset(self, layer, name, init_lora_weights=True):
         """PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros; "gaussian": A ~ N(0, 1/r), B zeros;
         False: both kaiming-uniform (the adapter is not a no-op)."""
-        check_init(init_lora_weights)
+        if not is_basic_init(init_lora_weights):
+            raise ValueError("reset_lora_parameters takes True, False or 'gaussian'; PEFT's other "
+                             f"initialisations ({init_lora_weights!r}) run when the adapter is added")
         A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
         if init_lora_weights is True:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))

@@ -13,6 +13,7 @@ import math
 
 from torch import nn
 
+from ..adapters.lora import check_init, is_basic_init
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
 from .targets import ALL_LINEAR, find_targets, pattern_value
 
@@ -135,10 +136,17 @@ def _activate_new(model, adapter_name, inference_mode=False):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default", use_dora=False):
+                adapter_name="default", use_dora=False, loftq_config=None):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
     `adapter_name`; a DoRA adapter with use_dora=True), in place; freeze every other parameter;
     return the model.
+
+    init_lora_weights takes PEFT's names: True, False, "gaussian", and the ones that also change the
+    NF4 base: "pissa" / "pissa_niter_N", "olora", "loftq" (loftq_config={"loftq_iter": n}, PEFT's
+    LoftQConfig). Those decompose each target's dense weight while it is still dense (a layer that
+    is already NF4 decomposes its dequantized weight; LoftQ then needs the dense one and refuses),
+    and the reconstruction error ||W - (Q + s B A)|| before and after lands in the adapter's config
+    as init_errors {module: (before, after)}.
 
     Matching follows PEFT (lora/targets.py). Layers that are already QLoRALinear (from quantize_model,
     a bitsandbytes checkpoint or an earlier adapter) get the new adapter added. The first adapter
@@ -154,13 +162,34 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         if isinstance(ai, bool) or not isinstance(ai, (int, float)) or not math.isfinite(ai):
             raise ValueError(f"lora_alpha for '{n}' must be a finite number, got {ai!r}")
     _check_dropout("lora_dropout", lora_dropout)
-    if init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    check_init(init_lora_weights)
+    basic = is_basic_init(init_lora_weights)
+    options = {}
+    if loftq_config is not None:
+        if init_lora_weights != "loftq":
+            raise ValueError("loftq_config is only used with init_lora_weights='loftq'")
+        if not isinstance(loftq_config, dict) or set(loftq_config) - {"loftq_iter", "loftq_bits"}:
+            raise ValueError(f"loftq_config must be a dict with loftq_iter / loftq_bits, got {loftq_config!r}")
+        options.update(loftq_config)
+    dense = {}
+    if not basic:  # the dense weights the methods decompose, before the layers are quantized
+        for n in names:
+            m = model.get_submodule(n)
+            if isinstance(m, nn.Linear):
+                dense[n] = m.weight.detach()
+            elif init_lora_weights == "loftq":
+                raise ValueError(f"init_lora_weights='loftq' needs the dense weight of '{n}', which "
+                                 "is already NF4: apply it to the full-precision model")
 
-    for layer, (_, ri, ai) in zip(_adaptable_layers(model, names, blocksize, double_quant), plan):
+    layers = _adaptable_layers(model, names, blocksize, double_quant)
+    errors = {}
+    for layer, (n, ri, ai) in zip(layers, plan):
+        init_options = None if basic else {**options, "weight": dense.get(n)}
         layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
-                          use_dora=use_dora)
-    adapter_configs(model)[adapter_name] = dict(
+                          use_dora=use_dora, init_options=init_options)
+        if not basic:
+            errors[n] = layer.init_errors.pop(adapter_name)
+    adapter_configs(model)[adapter_name] = dict(init_errors=errors,
         r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
         **_targets_record(target_modules, names, exclude_modules),
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
