@@ -1,5 +1,5 @@
 """Cost of each adapter kind on one NF4 QLoRALinear layer (CPU), measured side by side: forward +
-backward of a training step (and forward alone in eval) for LoRA, DoRA, VeRA and AdaLoRA at the
+backward of a training step (and forward alone in eval) for LoRA, DoRA, VeRA, AdaLoRA and MoLoRA at the
 same rank, against the plain NF4 layer without an adapter.
 
     python bench/bench_adapters.py [--K 4096 --N 4096 --M 512 --r 16 --repeats 7]
@@ -7,7 +7,8 @@ same rank, against the plain NF4 layer without an adapter.
 Every repeat runs each kind once in turn (drift hits all alike); the table gives median ms and the
 ratio to LoRA. What to expect: DoRA adds its row norm each step (W A^T through the NF4 op on A's r
 rows, an r x r Gram, O(N r^2)) and, on first use, one dense pass for ||W_n||^2; VeRA and AdaLoRA
-only scale A or B before the same fused op.
+only scale A or B before the same fused op; MoLoRA (4 experts of rank r/4, top-2) runs the NF4
+base alone and its routed shrink / expand as torch ops (not fused).
 """
 import argparse
 import os
@@ -21,7 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
-from nf4lora.adapters import VeraProjections  # noqa: E402
+from nf4lora.adapters import MoloraConfig, VeraProjections  # noqa: E402
 
 
 def make(kind, K, N, r):
@@ -36,6 +37,8 @@ def make(kind, K, N, r):
         layer.add_vera_adapter("a", proj, r=r, init_weights=False)
     elif kind == "adalora":
         layer.add_adalora_adapter("a", r=r, lora_alpha=2 * r, init_weights=False)
+    elif kind == "molora":  # 4 experts of rank r / 4: the same adapter parameters as LoRA at r
+        layer.add("a", MoloraConfig(r=max(1, r // 4), lora_alpha=2 * r, num_experts=4, top_k=2))
     if kind != "none":
         layer.set_adapter("a")
     return layer
@@ -49,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args(argv)
-    kinds = ["none", "lora", "dora", "vera", "adalora"]
+    kinds = ["none", "lora", "dora", "vera", "adalora", "molora"]
     layers = {k: make(k, args.K, args.N, args.r) for k in kinds}
     x = torch.randn(args.M, args.K)
     gy = torch.randn(args.M, args.N)
