@@ -14,6 +14,7 @@ from .lora import (add_weighted_adapter, apply_adalora, apply_molora, apply_qlor
                    merge_and_unload, mixed_batch, prepare_for_training, quantize_model, save_adapter,
                    save_bnb_checkpoint, set_adapter, unmerge_adapter, update_and_allocate)
 from .optim import PagedAdamW
+from .serving import AdapterPool
 from .checkpoint import load_training_state, save_training_state
 from .dispatch import info, max_cpu_isa
 
@@ -26,4 +27,4 @@ __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_l
            "mixed_batch", "apply_vera", "apply_adalora", "update_and_allocate", "add_weighted_adapter", "apply_molora", "router_aux_loss",
            "depth_rank_pattern", "PagedAdamW",
            "save_bnb_checkpoint", "load_bnb_checkpoint", "save_training_state", "load_training_state",
-           "info", "max_cpu_isa"]
+           "info", "max_cpu_isa", "AdapterPool"]

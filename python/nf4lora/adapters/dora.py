@@ -21,9 +21,15 @@ class LoraMagnitude(nn.Module):
 @torch.no_grad()
 def weight_norm(layer, name):
     """float32 [N]: ||W + s B A|| over each output row, W the dequantized NF4 weight, in float64."""
-    s = layer.lora_config[name].scaling
-    A = layer.lora_A[name].weight.detach()
-    B = layer.lora_B[name].weight.detach().double()
+    return low_rank_row_norm(layer, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                             layer.lora_config[name].scaling)
+
+
+@torch.no_grad()
+def low_rank_row_norm(layer, A, B, s):
+    """weight_norm for any A [r, K], B [N, r], s (an adapter held outside the layer: AdapterPool)."""
+    A = A.detach()
+    B = B.detach().double()
     q = layer.nf4_weight
     if layer.weight_row_sqnorm is None:  # one dense pass over W, once per weight
         layer.weight_row_sqnorm = q.dequantize(torch.float32).double().pow(2).sum(1)

@@ -4,6 +4,7 @@
     nf4lora bench    microbenchmarks against their baselines on this device
     nf4lora memory   QLoRA-paper memory tables for a model architecture
     nf4lora info     version, build, CPU features and the kernel path of each op
+    nf4lora serve    OpenAI-style HTTP server over an NF4 base and many adapters (batched)
 
 The top layer: it uses nf4lora's public API (and nf4lora.benchmarks) only. Each command lives in its
 own module; every expected failure is a one-line `nf4lora: error: ...` and a non-zero exit.
@@ -29,7 +30,8 @@ def _register():
     from .demo import demo
     from .info import info
     from .memory import memory
-    for cmd in (demo, bench, memory, info):
+    from .serve import serve
+    for cmd in (demo, bench, memory, info, serve):
         cli.add_command(cmd)
 
 
