@@ -357,6 +357,8 @@ class QLoRALinear(nn.Module):
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 p.requires_grad for n in present for p in self.adapter_params(n))):
             return self._per_example_loop(x, q, names, present)
+        if not any(self._kind(n).fused for n in self.lora_config):  # no low-rank pair to stack
+            return self._per_example_loop(x, q, names, present)
         pool_names, A, B, scalings = self._stacked_pool(x.dtype, x.device)
         slot = {n: i for i, n in enumerate(pool_names)}
         rows = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
