@@ -12,6 +12,7 @@ from .lora import (add_weighted_adapter, apply_adalora, apply_qlora, apply_vera,
                    disable_adapter, load_adapter, load_bnb_checkpoint, load_bnb_state_dict, merge_adapter,
                    merge_and_unload, mixed_batch, prepare_for_training, quantize_model, save_adapter,
                    save_bnb_checkpoint, set_adapter, unmerge_adapter, update_and_allocate)
+from .lora import apply_lokr
 from .optim import PagedAdamW
 from .checkpoint import load_training_state, save_training_state
 from .dispatch import info, max_cpu_isa
@@ -25,3 +26,4 @@ __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_l
            "mixed_batch", "apply_vera", "apply_adalora", "update_and_allocate", "add_weighted_adapter", "PagedAdamW",
            "save_bnb_checkpoint", "load_bnb_checkpoint", "save_training_state", "load_training_state",
            "info", "max_cpu_isa"]
+__all__ += ["apply_lokr"]

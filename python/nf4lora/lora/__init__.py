@@ -8,9 +8,11 @@ from .model import (apply_qlora, delete_adapter, disable_adapter, mixed_batch, p
 from .targets import find_targets
 from .vera import apply_vera
 from .adalora import apply_adalora, update_and_allocate
+from .lokr import apply_lokr
 
 __all__ = ["apply_qlora", "quantize_model", "prepare_for_training", "set_adapter", "disable_adapter",
            "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter",
            "load_adapter", "load_bnb_state_dict", "bnb_state_dict", "save_bnb_checkpoint", "load_bnb_checkpoint", "find_targets",
            "trainable_parameters", "mixed_batch", "apply_vera", "apply_adalora",
            "update_and_allocate", "add_weighted_adapter"]
+__all__ += ["apply_lokr"]

@@ -13,8 +13,11 @@ import math
 
 from torch import nn
 
+from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
 from .targets import ALL_LINEAR, find_targets, pattern_value
+
+BLOCKDIAG_TYPE = "NF4LORA_BLOCKDIAG"  # adapter_config.json's peft_type of a block-diagonal LoRA adapter
 
 
 def qlora_layers(model):
@@ -135,10 +138,11 @@ def _activate_new(model, adapter_name, inference_mode=False):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default", use_dora=False):
+                adapter_name="default", use_dora=False, lora_blocks=1):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
-    `adapter_name`; a DoRA adapter with use_dora=True), in place; freeze every other parameter;
-    return the model.
+    `adapter_name`; a DoRA adapter with use_dora=True; with lora_blocks=n > 1 a block-diagonal one,
+    A and B of n blocks, n x fewer parameters: adapters/blockdiag.py), in place; freeze every other
+    parameter; return the model.
 
     Matching follows PEFT (lora/targets.py). Layers that are already QLoRALinear (from quantize_model,
     a bitsandbytes checkpoint or an earlier adapter) get the new adapter added. The first adapter
@@ -156,10 +160,22 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
     _check_dropout("lora_dropout", lora_dropout)
     if init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    check_blocks(lora_blocks, None)
+    if lora_blocks > 1:
+        if use_dora:
+            raise ValueError("lora_blocks > 1 with use_dora is not supported")
+        for n, ri, _ in plan:
+            m = model.get_submodule(n)
+            check_blocks(lora_blocks, ri, m.in_features, m.out_features, f" of '{n}'")
 
     for layer, (_, ri, ai) in zip(_adaptable_layers(model, names, blocksize, double_quant), plan):
-        layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
-                          use_dora=use_dora)
+        if lora_blocks > 1:
+            layer.add(adapter_name, BlockLoraConfig(r=ri, lora_alpha=ai, lora_dropout=lora_dropout,
+                                                    use_rslora=bool(use_rslora), lora_blocks=lora_blocks),
+                      init_lora_weights=init_lora_weights)
+        else:
+            layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
+                              use_dora=use_dora)
     adapter_configs(model)[adapter_name] = dict(
         r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
         **_targets_record(target_modules, names, exclude_modules),
@@ -167,6 +183,8 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
         blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora))
+    if lora_blocks > 1:  # nf4lora's own file layout (lora/io.py), not PEFT's LORA
+        adapter_configs(model)[adapter_name].update(peft_type=BLOCKDIAG_TYPE, lora_blocks=lora_blocks)
     _activate_new(model, adapter_name)
     return model
 
