@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import nf4lora as nl
-from model_utils import (assert_files_round_trip, assert_same_merged_weights, dequantized_copy, randomize_both,
-                         rel, tiny_llama, tokens)
+from model_utils import (assert_edited_config_rejected, assert_files_round_trip,
+                         assert_mixed_batch_matches_single, assert_same_merged_weights,
+                         assert_training_step_matches_peft, dequantized_copy, randomize_both, rel, tiny_llama,
+                         tokens, train_losses)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -125,13 +127,9 @@ def test_blocks_bad_configs_rejected_before_the_model_changes(base, kw, match):
 def test_blocks_bad_file_rejected(base, tmp_path):
     m = nl.apply_qlora(copy.deepcopy(base), TARGETS, r=8, lora_blocks=2)
     nl.save_adapter(m, str(tmp_path))
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg["lora_blocks"] = 4
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    fresh = copy.deepcopy(base)
-    with pytest.raises(ValueError, match="lora_block_A' must be a floating tensor of shape \\(4, 2, 16\\)"):
-        nl.load_adapter(fresh, str(tmp_path))
-    assert _untouched(fresh)
+    assert_edited_config_rejected(base, tmp_path, dict(lora_blocks=4),
+                                  "lora_block_A' must be a floating tensor of shape \\(4, 2, 16\\)")
+    assert_edited_config_rejected(base, tmp_path, dict(lora_blocks=1), "lora_blocks must be an int >= 2")
 
 
 # ------------------------------------------------------------------ LoKr vs PEFT
@@ -182,15 +180,7 @@ def test_lokr_parameters_and_init_as_peft(base, init_weights):
 def test_lokr_forward_gradients_merge_match_peft(base, kw):
     m, pm = _lokr_pair(base, **kw)
     x = tokens()
-    m.train(), pm.train()
-    lm, lp = m(input_ids=x, labels=x).loss, pm(input_ids=x, labels=x).loss
-    assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
-    lm.backward(), lp.backward()
-    theirs = {n.replace("base_model.model.", ""): p for n, p in pm.named_parameters() if p.requires_grad}
-    ours = {n: p for n, p in m.named_parameters() if p.requires_grad}
-    assert ours.keys() == theirs.keys() and len(ours) >= 2 * 2 * len(TARGETS)
-    for n, p in ours.items():
-        assert rel(p.grad, theirs[n].grad) < 1e-5, n
+    assert len(assert_training_step_matches_peft(m, pm, x, grad_tol=1e-5)) >= 2 * 2 * len(TARGETS)
     m.eval(), pm.eval()
     with torch.no_grad():
         want = pm(x).logits
@@ -242,16 +232,11 @@ def test_lokr_bad_configs_rejected_before_the_model_changes(base, kw, match):
 def test_lokr_bad_files_rejected(base, tmp_path):
     m, _ = _lokr_pair(base)
     nl.save_adapter(m, str(tmp_path))
-    path = tmp_path / "adapter_config.json"
-    good = json.loads(path.read_text())
-    for change, match in ((dict(r=16), "lokr_w2' must be a floating tensor of shape \\(8, 8\\)|unexpected key"),
-                          (dict(rank_dropout=0.2), "rank_dropout"),
-                          (dict(decompose_both=1), "decompose_both must be true or false")):
-        path.write_text(json.dumps({**good, **change}))
-        fresh = copy.deepcopy(base)
-        with pytest.raises((ValueError, KeyError), match=match):
-            nl.load_adapter(fresh, str(tmp_path))
-        assert _untouched(fresh)
+    for change, match in ((dict(r=16), "unexpected key .*lokr_w2_a'"),
+                          (dict(rank_dropout=0.2), "does not implement PEFT's rank_dropout"),
+                          (dict(decompose_both=1), "decompose_both must be true or false"),
+                          (dict(use_effective_conv2d=True), "use_effective_conv2d")):
+        assert_edited_config_rejected(base, tmp_path, change, match, exc=(ValueError, NotImplementedError))
 
 
 def test_lokr_trains_and_mixes_with_lora(base):
@@ -259,24 +244,10 @@ def test_lokr_trains_and_mixes_with_lora(base):
     nl.prepare_for_training(m, gradient_checkpointing=False)
     assert all(".lokr_w" in n for n, p in m.named_parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-2)
-    x = tokens()
-    losses = []
-    m.train()
-    for _ in range(8):
-        loss = m(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+    losses = train_losses(m, tokens(), opt, 8)
     assert losses[-1] < 0.95 * losses[0], losses
-    nl.apply_qlora(m, ["q_proj"], r=4, adapter_name="lora")
+    nl.apply_qlora(m, ["q_proj"], r=4, adapter_name="lora", init_lora_weights=False)
     m.eval()
-    names = ["lora", "default", "__base__"]
-    x3 = tokens(batch=3)
-    with torch.no_grad(), nl.mixed_batch(m, names):
-        mixed = m(x3).logits
-    from model_utils import single_adapter_logits
-    for i, (a, alone) in enumerate(zip(names, single_adapter_logits(m, x3, names))):
-        assert rel(mixed[i:i + 1], alone) < 1e-5, a
+    assert_mixed_batch_matches_single(m, ["lora", "default", "__base__"])
     nl.delete_adapter(m, "default")
     assert not any("lokr" in n for n, _ in m.named_parameters())
