@@ -7,7 +7,12 @@ are block-diagonal with n blocks, so the adapter has n x fewer parameters at the
 (new container names, not PEFT's lora_A / lora_B: code that reads those as dense [r, K] / [N, r]
 never sees a block tensor). low_rank assembles the dense A, B with torch.block_diag (differentiable:
 the zeros get no gradient), so the term s * dropout(x) A^T B^T rides in the fused NF4 op like LoRA's.
-The layer's r, K and N must be divisible by n."""
+The layer's r, K and N must be divisible by n.
+
+Files (lora/io.py): nf4lora's own layout, peft_type "NF4LORA_BLOCKDIAG" with LORA's config fields plus
+"lora_blocks" and the two block tensors per module. PEFT cannot load them (it has no such kind and
+refuses the unknown peft_type); to hand one to PEFT, merge it, or copy the assembled dense A, B into a
+plain LoRA adapter of the same rank (exact: same term)."""
 import dataclasses
 import math
 
