@@ -113,6 +113,58 @@ def single_adapter_logits(model, x, names):
     return out
 
 
+def assert_training_step_matches_peft(model, peft_model, x, grad_tol=1e-4):
+    """One training forward + backward of ours and PEFT's on (x, labels x): equal losses (1e-5) and
+    every trainable parameter's gradient within grad_tol, the same names on both sides. Returns the
+    names of the trainable parameters."""
+    model.train(), peft_model.train()
+    lm, lp = model(input_ids=x, labels=x).loss, peft_model(input_ids=x, labels=x).loss
+    assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
+    lm.backward(), lp.backward()
+    theirs = {peft_name(n): p for n, p in peft_model.named_parameters() if p.requires_grad}
+    ours = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert ours.keys() == theirs.keys()
+    for n, p in ours.items():
+        assert rel(p.grad, theirs[n].grad) < grad_tol, n
+    return list(ours)
+
+
+def assert_edited_config_rejected(base, path, change, match, exc=ValueError):
+    """adapter_config.json at `path` with the fields in `change` replaced: load_adapter onto a fresh
+    copy of `base` raises `exc` matching `match` and leaves that copy untouched. The file is restored."""
+    import copy
+    import json
+    import os
+
+    import pytest
+
+    import nf4lora as nl
+    cpath = os.path.join(str(path), "adapter_config.json")
+    with open(cpath) as f:
+        good = f.read()
+    try:
+        with open(cpath, "w") as f:
+            f.write(json.dumps({**json.loads(good), **change}))
+        fresh = copy.deepcopy(base)
+        with pytest.raises(exc, match=match):
+            nl.load_adapter(fresh, str(path))
+        assert not any(isinstance(m, nl.QLoRALinear) for m in fresh.modules())
+    finally:
+        with open(cpath, "w") as f:
+            f.write(good)
+
+
+def assert_mixed_batch_matches_single(model, names, tol=1e-5):
+    """mixed_batch(model, names) on a batch of len(names) rows gives each row what it gets alone
+    through its adapter (an eval-mode model)."""
+    import nf4lora as nl
+    x = tokens(batch=len(names))
+    with torch.no_grad(), nl.mixed_batch(model, names):
+        mixed = model(x).logits
+    for i, (a, alone) in enumerate(zip(names, single_adapter_logits(model, x, names))):
+        assert rel(mixed[i:i + 1], alone) < tol, a
+
+
 def assert_same_merged_weights(merged, merged_ref, targets, tol=1e-6):
     """After merge_and_unload: every target nn.Linear of ours holds PEFT's merged weight, and there
     is at least one (a target list that matches nothing would otherwise pass with no assertion)."""

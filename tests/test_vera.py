@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 import nf4lora as nl
-from model_utils import (assert_files_round_trip, assert_same_merged_weights, dequantized_copy, randomize_both,
-                         rel, single_adapter_logits, tiny_llama, tokens, train_losses)
+from model_utils import (assert_edited_config_rejected, assert_files_round_trip,
+                         assert_mixed_batch_matches_single, assert_same_merged_weights,
+                         assert_training_step_matches_peft, dequantized_copy, randomize_both, rel, tiny_llama,
+                         tokens, train_losses)
 
 peft = pytest.importorskip("peft")
 from peft import VeraConfig, get_peft_model  # noqa: E402
@@ -65,15 +67,7 @@ def test_forward_and_gradients_match_peft(base):
     m.eval(), pm.eval()
     with torch.no_grad():
         assert rel(m(x).logits, pm(x).logits) < 1e-5
-    m.train(), pm.train()
-    lm, lp = m(input_ids=x, labels=x).loss, pm(input_ids=x, labels=x).loss
-    assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
-    lm.backward(), lp.backward()
-    theirs = {n.replace("base_model.model.", ""): p for n, p in pm.named_parameters() if p.requires_grad}
-    ours = {n: p for n, p in m.named_parameters() if p.requires_grad}
-    assert ours.keys() == theirs.keys() and len(ours) == 2 * 2 * len(TARGETS)
-    for n, p in ours.items():
-        assert rel(p.grad, theirs[n].grad) < 1e-4, n
+    assert len(assert_training_step_matches_peft(m, pm, x)) == 2 * 2 * len(TARGETS)
 
 
 def test_merge_matches_peft(base):
@@ -122,13 +116,8 @@ def test_bad_arguments(base):
 def test_bad_vera_files(base, tmp_path):
     m, _ = _pair(base)
     nl.save_adapter(m, str(tmp_path))
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    cfg["r"] = 4
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    fresh = copy.deepcopy(base)
-    with pytest.raises(ValueError, match="vera_lambda_d' must be a floating tensor of shape \\(4,\\)"):
-        nl.load_adapter(fresh, str(tmp_path))
-    assert not any(isinstance(l, nl.QLoRALinear) for l in fresh.modules())
+    assert_edited_config_rejected(base, tmp_path, dict(r=4),
+                                  "vera_lambda_d' must be a floating tensor of shape \\(4,\\)")
 
 
 def test_training_and_mixing_with_lora(base):
@@ -145,12 +134,7 @@ def test_training_and_mixing_with_lora(base):
             if "lora" in layer.lora_config:
                 layer.lora_B["lora"].weight.normal_(0, 0.1)
     m.eval()
-    names = ["lora", "default", "__base__"]
-    x3 = tokens(batch=3)
-    with torch.no_grad(), nl.mixed_batch(m, names):
-        mixed = m(x3).logits
-    for i, (a, alone) in enumerate(zip(names, single_adapter_logits(m, x3, names))):
-        assert rel(mixed[i:i + 1], alone) < 1e-5, a
+    assert_mixed_batch_matches_single(m, ["lora", "default", "__base__"])
     assert not any("vera" in k or "lora_" in k for k in nl.bnb_state_dict(m))
     nl.delete_adapter(m, "default")
     assert not any("vera" in n for n, _ in m.named_parameters())

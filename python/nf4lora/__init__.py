@@ -13,6 +13,7 @@ from .lora import (add_weighted_adapter, apply_adalora, apply_molora, apply_qlor
                    disable_adapter, load_adapter, load_bnb_checkpoint, load_bnb_state_dict, merge_adapter,
                    merge_and_unload, mixed_batch, prepare_for_training, quantize_model, save_adapter,
                    save_bnb_checkpoint, set_adapter, unmerge_adapter, update_and_allocate)
+from .lora import apply_lokr
 from .optim import PagedAdamW
 from .serving import AdapterPool
 from .checkpoint import load_training_state, save_training_state
@@ -28,3 +29,4 @@ __all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "nf4_linear", "qlora_l
            "depth_rank_pattern", "PagedAdamW",
            "save_bnb_checkpoint", "load_bnb_checkpoint", "save_training_state", "load_training_state",
            "info", "max_cpu_isa", "AdapterPool"]
+__all__ += ["apply_lokr"]

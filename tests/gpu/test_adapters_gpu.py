@@ -1,4 +1,4 @@
-"""The adapter kinds of QLoRALinear on CUDA (DoRA, VeRA, AdaLoRA, several active adapters,
+"""The adapter kinds of QLoRALinear on CUDA (DoRA, VeRA, AdaLoRA, block-diagonal, LoKr, several active adapters,
 per-example adapters) against the same layer on the CPU: outputs and every adapter gradient.
 Layer-level only (no transformers needed on the GPU image). Skipped without CUDA."""
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from nf4lora.adapters import VeraProjections
+from nf4lora.adapters import BlockLoraConfig, LoKrConfig, VeraProjections
 from numerics import rel_err as rel
 
 if not torch.cuda.is_available():
@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("nf4lora._C_cuda")
 
 
+
+
+KINDS = ["lora", "dora", "vera", "adalora", "blockdiag", "lokr"]
 
 
 def _layer(kind, K=256, N=192, seed=0):
@@ -30,6 +33,10 @@ def _layer(kind, K=256, N=192, seed=0):
         layer.add_adalora_adapter("a", r=8, lora_alpha=8, init_weights=False)
         with torch.no_grad():
             layer.lora_E["a"].normal_()
+    elif kind == "blockdiag":
+        layer.add("a", BlockLoraConfig(r=8, lora_alpha=16, lora_blocks=4), init_lora_weights=False)
+    elif kind == "lokr":
+        layer.add("a", LoKrConfig(r=4, lora_alpha=8, decompose_both=True), init_weights=False)
     else:
         layer.add_adapter("a", r=8, lora_alpha=16, init_lora_weights=False)
     layer.add_adapter("b", r=4, lora_alpha=4, init_lora_weights=False)
@@ -37,7 +44,7 @@ def _layer(kind, K=256, N=192, seed=0):
     return layer
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "adalora"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("active", [["a"], ["a", "b"]])
 def test_forward_and_grads_match_cpu(kind, active):
     cpu = _layer(kind)
@@ -53,7 +60,7 @@ def test_forward_and_grads_match_cpu(kind, active):
             assert rel(pg.grad, pc.grad) < 1e-4, n
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "vera", "adalora"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_mixed_batch_matches_cpu(kind):
     cpu = _layer(kind).eval()
     gpu = copy.deepcopy(cpu).cuda().eval()

@@ -10,6 +10,7 @@ from .targets import find_targets
 from .vera import apply_vera
 from .adalora import apply_adalora, update_and_allocate
 from .molora import apply_molora, router_aux_loss
+from .lokr import apply_lokr
 
 __all__ = ["apply_qlora", "quantize_model", "prepare_for_training", "set_adapter", "disable_adapter",
            "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "save_adapter",
@@ -17,3 +18,4 @@ __all__ = ["apply_qlora", "quantize_model", "prepare_for_training", "set_adapter
            "trainable_parameters", "mixed_batch", "apply_vera", "apply_adalora",
            "update_and_allocate", "add_weighted_adapter", "apply_molora", "router_aux_loss",
            "depth_rank_pattern"]
+__all__ += ["apply_lokr"]

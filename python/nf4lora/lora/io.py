@@ -7,6 +7,13 @@
            base_model.vera_A [r, in_max], base_model.vera_B [out_max, r]        (save_projection)
   ADALORA  base_model.model.<module>.lora_A [k, in], .lora_B [out, k], .lora_E [k, 1]: the k ranks
            the config's rank_pattern keeps (all init_r without one)
+  LOKR     base_model.model.<module>.lokr_w1 [a, c] (or .lokr_w1_a [a, r], .lokr_w1_b [r, c]) and
+           .lokr_w2 [b, d] (or .lokr_w2_a [b, r], .lokr_w2_b [r, d]): adapters/lokr.py
+
+and one layout of nf4lora's own, which PEFT cannot load (it has no such kind; its loader refuses the
+unknown peft_type rather than dropping the blocks):
+  NF4LORA_BLOCKDIAG  (apply_qlora(..., lora_blocks=n)) LORA's config fields plus "lora_blocks": n;
+           base_model.model.<module>.lora_block_A [n, r/n, in/n], .lora_block_B [n, out/n, r/n]
 
 The adapter name is not part of the keys (PEFT strips it). load_adapter checks the whole file
 against the model and the config before changing anything: a missing or unexpected key, a wrong
@@ -20,9 +27,13 @@ import re
 import torch
 
 from .._files import atomic_path, atomic_write_text
+from ..adapters.blockdiag import BlockDiagLoRA, check_blocks
+from ..adapters.lokr import PARTS as LOKR_PARTS
+from ..adapters.lokr import lokr_shapes
 from .adalora import apply_adalora
-from .model import (_check_targets, active_adapters, adapter_configs, apply_qlora, model_adapters,
-                    qlora_layers, set_adapter)
+from .lokr import apply_lokr, check_lokr_dropout
+from .model import (BLOCKDIAG_TYPE, _check_targets, active_adapters, adapter_configs, apply_qlora,
+                    model_adapters, qlora_layers, set_adapter)
 from .targets import find_targets, pattern_value
 from .vera import apply_vera, vera_projections
 
@@ -38,7 +49,10 @@ _UNSUPPORTED = {
     "VERA": ("fan_in_fan_out", "modules_to_save"),
     "ADALORA": ("fan_in_fan_out", "modules_to_save", "use_dora"),
     "MOLORA": ("fan_in_fan_out", "modules_to_save", "use_dora"),
+    "LOKR": ("modules_to_save", "use_effective_conv2d"),
+    BLOCKDIAG_TYPE: ("fan_in_fan_out", "modules_to_save", "use_dora"),
 }
+BLOCK_PARTS = BlockDiagLoRA.parts
 
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -66,6 +80,11 @@ def save_adapter(model, save_directory, adapter_name="default"):
         from .molora import molora_file_config, molora_tensors
         return _write(save_directory, {**_config_header(model, "MOLORA"), **molora_file_config(c)},
                       molora_tensors(model, adapter_name))
+    if c.get("peft_type") == "LOKR":
+        return _save_lokr(model, save_directory, adapter_name, c)
+    if c.get("peft_type") == BLOCKDIAG_TYPE:
+        return _write(save_directory, {**_lora_config(model, c, BLOCKDIAG_TYPE), "lora_blocks": c["lora_blocks"]},
+                      _layer_tensors(model, adapter_name, BLOCK_PARTS))
     tensors = {}
     for name, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
@@ -73,8 +92,13 @@ def save_adapter(model, save_directory, adapter_name="default"):
             for which in ("lora_A", "lora_B") + ((MAGNITUDE,) if dora else ()):
                 w = getattr(layer, which)[adapter_name].weight
                 tensors[_key(name, which)] = w.detach().cpu().contiguous().clone()
-    config = {
-        **_config_header(model, "LORA"),
+    _write(save_directory, _lora_config(model, c, "LORA"), tensors)
+
+
+def _lora_config(model, c, peft_type):
+    """adapter_config.json of a LoRA / DoRA (or block-diagonal) adapter."""
+    return {
+        **_config_header(model, peft_type),
         "r": c["r"], "lora_alpha": c["lora_alpha"], "lora_dropout": c["lora_dropout"],
         "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
         "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
@@ -83,7 +107,29 @@ def save_adapter(model, save_directory, adapter_name="default"):
         "use_dora": c.get("use_dora", False),
         "modules_to_save": None, "init_lora_weights": c["init_lora_weights"],
     }
-    _write(save_directory, config, tensors)
+
+
+def _layer_tensors(model, adapter_name, parts):
+    """{base_model.model.<module>.<part>: tensor} for every part (a ParameterDict container) the
+    adapter has in each layer."""
+    tensors = {}
+    for name, layer in qlora_layers(model):
+        for which in parts:
+            box = getattr(layer, which)
+            if adapter_name in box:
+                tensors[f"{PREFIX}{name}.{which}"] = box[adapter_name].detach().cpu().contiguous().clone()
+    return tensors
+
+
+def _copy_parts(model, names, adapter_name, weights, parts):
+    """The file's tensors into the adapter's parts (ParameterDicts) of the layers `names`."""
+    with torch.no_grad():
+        for n in names:
+            layer = model.get_submodule(n)
+            for which in parts:
+                box = getattr(layer, which)
+                if adapter_name in box:
+                    box[adapter_name].copy_(weights[f"{PREFIX}{n}.{which}"])
 
 
 def _config_header(model, peft_type):
@@ -139,12 +185,7 @@ def _save_adalora(model, save_directory, adapter_name, c):
 def _save_vera(model, save_directory, adapter_name, c):
     """PEFT's VERA files: <module>.vera_lambda_b / .vera_lambda_d, and with save_projection the
     shared base_model.vera_A / base_model.vera_B."""
-    tensors = {}
-    for name, layer in qlora_layers(model):
-        if adapter_name in layer.lora_config:
-            for which in VERA_PARTS:
-                t = getattr(layer, which)[adapter_name]
-                tensors[f"{PREFIX}{name}.{which}"] = t.detach().cpu().contiguous().clone()
+    tensors = _layer_tensors(model, adapter_name, VERA_PARTS)
     if c["save_projection"]:
         A, B = vera_projections(model, adapter_name)
         tensors[VERA_A], tensors[VERA_B] = A.cpu().contiguous().clone(), B.cpu().contiguous().clone()
@@ -157,6 +198,20 @@ def _save_vera(model, save_directory, adapter_name, c):
         "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
     }
     _write(save_directory, config, tensors)
+
+
+def _save_lokr(model, save_directory, adapter_name, c):
+    """PEFT's LOKR files: <module>.lokr_w1 / _w1_a / _w1_b / _w2 / _w2_a / _w2_b, those the layer has."""
+    config = {
+        **_config_header(model, "LOKR"),
+        "r": c["r"], "alpha": c["alpha"], "rank_dropout": 0.0, "module_dropout": 0.0,
+        "rank_dropout_scale": False, "use_effective_conv2d": False, "decompose_both": c["decompose_both"],
+        "decompose_factor": c["decompose_factor"], "init_weights": c["init_weights"],
+        "target_modules": c["target_modules"], "exclude_modules": c["exclude_modules"],
+        "layers_to_transform": c["layers_to_transform"], "layers_pattern": c["layers_pattern"],
+        "rank_pattern": c["rank_pattern"], "alpha_pattern": c["alpha_pattern"], "modules_to_save": None,
+    }
+    _write(save_directory, config, _layer_tensors(model, adapter_name, LOKR_PARTS))
 
 
 def _read_config(path):
@@ -284,8 +339,35 @@ def _check_molora_fields(cpath, cfg):
             raise ValueError(f"{cpath}: {field} must be a finite number, got {cfg[field]!r}")
 
 
+def _check_lokr_fields(cpath, cfg):
+    _check_common_fields(cpath, cfg)
+    _positive_int(cpath, cfg, "r", 8)
+    if not _is_number(cfg.get("alpha", 8)):
+        raise ValueError(f"{cpath}: alpha must be a finite number, got {cfg['alpha']!r}")
+    if not isinstance(cfg.get("decompose_both", False), bool):
+        raise ValueError(f"{cpath}: decompose_both must be true or false, got {cfg['decompose_both']!r}")
+    f = cfg.get("decompose_factor", -1)
+    if isinstance(f, bool) or not isinstance(f, int):
+        raise ValueError(f"{cpath}: decompose_factor must be an int, got {f!r}")
+    try:
+        check_lokr_dropout(cfg.get("rank_dropout", 0.0), cfg.get("module_dropout", 0.0))
+    except ValueError as e:
+        raise ValueError(f"{cpath}: {e}") from None
+    _check_pattern(cpath, cfg, "rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                   "a positive int")
+    _check_pattern(cpath, cfg, "alpha_pattern", _is_number, "a finite number")
+
+
+def _check_blockdiag_fields(cpath, cfg):
+    _check_lora_fields(cpath, cfg)
+    n = cfg.get("lora_blocks")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"{cpath}: lora_blocks must be an int >= 2, got {n!r}")
+
+
 _CHECK_FIELDS = {"LORA": _check_lora_fields, "VERA": _check_vera_fields, "ADALORA": _check_adalora_fields,
-                 "MOLORA": _check_molora_fields}
+                 "MOLORA": _check_molora_fields, "LOKR": _check_lokr_fields,
+                 BLOCKDIAG_TYPE: _check_blockdiag_fields}
 
 
 def _read_weights(path):
@@ -385,6 +467,8 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     if cfg["peft_type"] == "MOLORA":
         from .molora import load_molora
         return load_molora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
+    if cfg["peft_type"] in (BLOCKDIAG_TYPE, "LOKR"):
+        return _load_parts(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     tm = cfg["target_modules"]
     names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
                          cfg.get("exclude_modules"))
@@ -488,15 +572,12 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
                layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
                exclude_modules=cfg.get("exclude_modules"), blocksize=blocksize, double_quant=double_quant,
                adapter_name=adapter_name)
-    with torch.no_grad():
-        if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
-            shared = model_adapters(model).vera[adapter_name]
+    if has_proj:  # the file's projections replace the regenerated ones (PEFT loads them too)
+        shared = model_adapters(model).vera[adapter_name]
+        with torch.no_grad():
             shared.A.copy_(weights[VERA_A])
             shared.B.copy_(weights[VERA_B])
-        for n in layers:
-            layer = model.get_submodule(n)
-            for which in VERA_PARTS:
-                getattr(layer, which)[adapter_name].copy_(weights[f"{PREFIX}{n}.{which}"])
+    _copy_parts(model, layers, adapter_name, weights, VERA_PARTS)
     adapter_configs(model)[adapter_name]["init_weights"] = cfg.get("init_weights", True)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
@@ -552,6 +633,55 @@ def _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, do
     c = adapter_configs(model)[adapter_name]
     c["rank_pattern"] = pattern
     c["init_lora_weights"] = cfg.get("init_lora_weights", True)
+    if first:
+        set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    return model
+
+
+def _expected_parts(layer, cfg, n):
+    """{part: shape} of a block-diagonal or LoKr adapter on `layer` (module name n) under cfg."""
+    r = pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8))
+    K, N = layer.in_features, layer.out_features
+    if cfg["peft_type"] == BLOCKDIAG_TYPE:
+        b = cfg["lora_blocks"]
+        check_blocks(b, r, K, N, f" of '{n}'")
+        return {"lora_block_A": (b, r // b, K // b), "lora_block_B": (b, N // b, r // b)}
+    (a, b), (c, d), use_w1, use_w2 = lokr_shapes(N, K, r, cfg.get("decompose_both", False),
+                                                 cfg.get("decompose_factor", -1))
+    want = {"lokr_w1": (a, c)} if use_w1 else {"lokr_w1_a": (a, r), "lokr_w1_b": (r, c)}
+    want.update({"lokr_w2": (b, d)} if use_w2 else {"lokr_w2_a": (b, r), "lokr_w2_b": (r, d)})
+    return want
+
+
+def _load_parts(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
+    """A LOKR (PEFT's) or NF4LORA_BLOCKDIAG (nf4lora's) adapter: exactly the parts each target needs
+    under the config, of their shapes; then the model-level apply_* with the file's config, and the
+    weights copied in."""
+    tm = cfg["target_modules"]
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    want = {f"{PREFIX}{n}.{part}": shape for n in names
+            for part, shape in _expected_parts(model.get_submodule(n), cfg, n).items()}
+    _check_exact(weights, want, cfg["peft_type"])
+    first = not active_adapters(model)
+    common = dict(rank_pattern=cfg.get("rank_pattern"), alpha_pattern=cfg.get("alpha_pattern"),
+                  layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                  exclude_modules=cfg.get("exclude_modules"), blocksize=blocksize, double_quant=double_quant,
+                  adapter_name=adapter_name)
+    if cfg["peft_type"] == "LOKR":
+        apply_lokr(model, tm, r=cfg.get("r", 8), alpha=cfg.get("alpha", 8),
+                   decompose_both=cfg.get("decompose_both", False),
+                   decompose_factor=cfg.get("decompose_factor", -1), **common)
+        adapter_configs(model)[adapter_name]["init_weights"] = cfg.get("init_weights", True)
+        parts = LOKR_PARTS
+    else:
+        apply_qlora(model, tm, r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
+                    lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                    use_rslora=bool(cfg.get("use_rslora", False)), lora_blocks=cfg["lora_blocks"], **common)
+        adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)
+        parts = BLOCK_PARTS
+    _copy_parts(model, names, adapter_name, weights, parts)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
     return model

@@ -14,8 +14,11 @@ import math
 from torch import nn
 
 from ..adapters.lora import check_init, is_basic_init
+from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
 from .targets import ALL_LINEAR, find_targets, pattern_value
+
+BLOCKDIAG_TYPE = "NF4LORA_BLOCKDIAG"  # adapter_config.json's peft_type of a block-diagonal LoRA adapter
 
 
 def qlora_layers(model):
@@ -136,10 +139,11 @@ def _activate_new(model, adapter_name, inference_mode=False):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default", use_dora=False, loftq_config=None):
+                adapter_name="default", use_dora=False, loftq_config=None, lora_blocks=1):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
-    `adapter_name`; a DoRA adapter with use_dora=True), in place; freeze every other parameter;
-    return the model.
+    `adapter_name`; a DoRA adapter with use_dora=True; with lora_blocks=n > 1 a block-diagonal one,
+    A and B of n blocks, n x fewer parameters: adapters/blockdiag.py), in place; freeze every other
+    parameter; return the model.
 
     init_lora_weights takes PEFT's names: True, False, "gaussian", and the ones that also change the
     NF4 base: "pissa" / "pissa_niter_N", "olora", "loftq" (loftq_config={"loftq_iter": n}, PEFT's
@@ -171,6 +175,16 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         if not isinstance(loftq_config, dict) or set(loftq_config) - {"loftq_iter", "loftq_bits"}:
             raise ValueError(f"loftq_config must be a dict with loftq_iter / loftq_bits, got {loftq_config!r}")
         options.update(loftq_config)
+    check_blocks(lora_blocks, None)
+    if lora_blocks > 1:
+        if use_dora:
+            raise ValueError("lora_blocks > 1 with use_dora is not supported")
+        if not basic:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} needs lora_blocks=1 (the methods "
+                             "decompose into a dense A, B)")
+        for n, ri, _ in plan:
+            m = model.get_submodule(n)
+            check_blocks(lora_blocks, ri, m.in_features, m.out_features, f" of '{n}'")
     dense = {}
     if not basic:  # the dense weights the methods decompose, before the layers are quantized
         for n in names:
@@ -184,6 +198,11 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
     layers = _adaptable_layers(model, names, blocksize, double_quant)
     errors = {}
     for layer, (n, ri, ai) in zip(layers, plan):
+        if lora_blocks > 1:
+            layer.add(adapter_name, BlockLoraConfig(r=ri, lora_alpha=ai, lora_dropout=lora_dropout,
+                                                    use_rslora=bool(use_rslora), lora_blocks=lora_blocks),
+                      init_lora_weights=init_lora_weights)
+            continue
         init_options = None if basic else {**options, "weight": dense.get(n)}
         layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
                           use_dora=use_dora, init_options=init_options)
@@ -196,6 +215,8 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
         blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora))
+    if lora_blocks > 1:  # nf4lora's own file layout (lora/io.py), not PEFT's LORA
+        adapter_configs(model)[adapter_name].update(peft_type=BLOCKDIAG_TYPE, lora_blocks=lora_blocks)
     _activate_new(model, adapter_name)
     return model
 
