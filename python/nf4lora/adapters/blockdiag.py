@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .base import AdapterConfig, AdapterKind, register
-from .lora import check_init
+from .lora import is_basic_init
 
 
 def check_blocks(n, r, in_features=None, out_features=None, where=""):
@@ -65,7 +65,9 @@ class BlockDiagLoRA(AdapterKind):
         """LoRA's init per block: A uniform(+-1/sqrt(K/n)) (kaiming-uniform a=sqrt(5) of a block, whose
         rows see K/n inputs), B zeros; "gaussian": A ~ N(0, 1/r), B zeros; False: B uniform(+-1/sqrt(r/n))
         too (the adapter is not a no-op)."""
-        check_init(init_lora_weights)
+        if not is_basic_init(init_lora_weights):
+            raise ValueError("block-diagonal LoRA takes init_lora_weights True, False or 'gaussian', got "
+                             f"{init_lora_weights!r}")
         A, B = layer.lora_block_A[name], layer.lora_block_B[name]
         if init_lora_weights == "gaussian":
             nn.init.normal_(A, std=1.0 / layer.lora_config[name].r)
