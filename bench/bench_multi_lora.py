@@ -23,16 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
-from nf4lora.benchmarks.layer import peft_bnb_layer  # noqa: E402
-
-
-class _One(torch.nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
+from nf4lora.benchmarks.layer import _One, peft_bnb_layer  # noqa: E402
 
 
 def build(K, N, E, r, dtype, with_peft):

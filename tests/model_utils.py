@@ -191,3 +191,25 @@ def assert_files_round_trip(model, base, path, x):
         want = model(x).logits
         assert rel(want, ref(x).logits) < 1e-5
         assert rel(back(x).logits, want) < 1e-6
+
+
+def three_adapters(base, dora=False, spread_magnitudes=False):
+    """A copy of `base` with adapters "default" (q, v, down; r 4), "b" (q, o; r 2) and "c" (all
+    linears; r 3), non-zero; dora: default and c are DoRA, spread_magnitudes moves their magnitudes
+    away from ||W + s B A|| so the row scale matters. In eval mode."""
+    import copy
+
+    import nf4lora as nl
+    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
+                       use_dora=dora)
+    nl.apply_qlora(m, ["q_proj", "o_proj"], r=2, lora_alpha=4, adapter_name="b")
+    nl.apply_qlora(m, "all-linear", r=3, lora_alpha=3, adapter_name="c", use_dora=dora)
+    for i, a in enumerate(("default", "b", "c")):
+        randomize_adapters(m, adapter=a, seed=i, scale=0.1)
+        if dora and spread_magnitudes:
+            for _, layer in nl.lora.model.qlora_layers(m):
+                if a in layer.lora_magnitude_vector:
+                    with torch.no_grad():
+                        layer.lora_magnitude_vector[a].weight.mul_(1.0 + 0.1 * i + 0.05)
+    return m.eval()
+

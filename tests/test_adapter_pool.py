@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import copy_into_peft, dequantized_copy, randomize_adapters, rel, single_adapter_logits, \
-    tiny_llama, tokens
+from model_utils import copy_into_peft, dequantized_copy, rel, single_adapter_logits, \
+    three_adapters, tiny_llama, tokens
 
 NAMES = ["b", "default", "__base__", "c", "default", "b"]
 
@@ -20,18 +20,7 @@ def base():
 
 
 def _three(base, dora=False):
-    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
-                       use_dora=dora)
-    nl.apply_qlora(m, ["q_proj", "o_proj"], r=2, lora_alpha=4, adapter_name="b")
-    nl.apply_qlora(m, "all-linear", r=3, lora_alpha=3, adapter_name="c", use_dora=dora)
-    for i, a in enumerate(("default", "b", "c")):
-        randomize_adapters(m, adapter=a, seed=i, scale=0.1)
-        if dora:  # magnitudes away from ||W + s B A|| so the row scale matters
-            for _, layer in nl.lora.model.qlora_layers(m):
-                if a in layer.lora_magnitude_vector:
-                    with torch.no_grad():
-                        layer.lora_magnitude_vector[a].weight.mul_(1.0 + 0.1 * i + 0.05)
-    return m.eval()
+    return three_adapters(base, dora, spread_magnitudes=True)
 
 
 @pytest.fixture(scope="module")

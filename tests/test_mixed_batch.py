@@ -1,14 +1,13 @@
 """Per-example adapters at inference (nl.mixed_batch, PEFT's `adapter_names`): each row equals the
 model run alone with that adapter active; against PEFT's mixed batch on the same (dequantized)
 base; DoRA adapters too; bad names, lengths, training mode and merged models are errors."""
-import copy
 
 import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import (copy_into_peft, dequantized_copy, randomize_adapters, rel, single_adapter_logits,
-                         tiny_llama, tokens)
+from model_utils import (copy_into_peft, dequantized_copy, rel, single_adapter_logits,
+                         three_adapters, tiny_llama, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +16,7 @@ def base():
 
 
 def _three_adapters(base, dora=False):
-    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8,
-                       use_dora=dora)
-    nl.apply_qlora(m, ["q_proj", "o_proj"], r=2, lora_alpha=4, adapter_name="b")
-    nl.apply_qlora(m, "all-linear", r=3, lora_alpha=3, adapter_name="c", use_dora=dora)
-    for i, a in enumerate(("default", "b", "c")):
-        randomize_adapters(m, adapter=a, seed=i, scale=0.1)
-    return m.eval()
+    return three_adapters(base, dora)
 
 
 NAMES = ["b", "default", "__base__", "c", "default", "b"]
