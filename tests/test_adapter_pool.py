@@ -149,12 +149,12 @@ def test_errors(base, saved, tmp_path):
 
 
 def test_mixed_batch_runs_the_kernel_and_keeps_its_pool(base, monkeypatch):
-    import nf4lora.nn as nn_mod
+    import nf4lora.per_example as per_example
     m = _three(base)
     x = tokens(batch=len(NAMES), seq=4)
     calls = []
-    real = nn_mod.multi_lora_linear
-    monkeypatch.setattr(nn_mod, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = per_example.multi_lora_linear
+    monkeypatch.setattr(per_example, "multi_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.no_grad(), nl.mixed_batch(m, NAMES):
         first = m(x).logits
         layer = m.get_submodule("model.layers.0.self_attn.q_proj")

@@ -24,10 +24,10 @@ from .adapters import AdaLoraConfig, AdapterConfig, VeraConfig, adapter_parts, k
 from .adapters.dora import weight_norm
 from .adapters.lora import check_init
 from .functional import nf4_linear, qlora_linear
-from .multi_lora import multi_lora_linear
 from .nf4 import NF4Tensor, quantize_nf4
 from .nf4_dispatch import same_nf4_layout
 from .nf4_fsdp import load_nf4_entries, nf4_local, nf4_state_dict_entries
+from .per_example import per_example_forward
 
 # Containers holding trainable adapter tensors (PEFT's names): a parameter whose name has
 # ".<one of these>.<adapter>" belongs to that adapter. Derived from the registered kinds.
@@ -342,88 +342,6 @@ class QLoRALinear(nn.Module):
             y = self._add_adapter(y, x, q, name)
         return y
 
-    def _per_example_forward(self, x, q, names):
-        """Row i of the batch (dim 0 of x) through adapter names[i] ("__base__": none), as PEFT's
-        `adapter_names`: the base GEMM and every low-rank kind's term in one multi_lora_linear call
-        (the layer's adapters stacked into pool tensors, cached until an adapter or its weights
-        change), DoRA rows then scaled; a kind that is not one low-rank pair adds its term on its
-        rows. Under autograd (a tensor requiring grad) the per-adapter loop runs instead."""
-        if len(names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {x.shape[0]} "
-                             "rows (dim 0 of the input)")
-        if self.merged_weight is not None:
-            raise ValueError("per-example adapters need an unmerged model: call unmerge_adapter first")
-        present = [n for n in dict.fromkeys(names) if n in self.lora_config]  # first-seen order
-        if torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for n in present for p in self.adapter_params(n))):
-            return self._per_example_loop(x, q, names, present)
-        if not any(self._kind(n).fused for n in self.lora_config):  # no low-rank pair to stack
-            return self._per_example_loop(x, q, names, present)
-        pool_names, A, B, scalings = self._stacked_pool(x.dtype, x.device)
-        slot = {n: i for i, n in enumerate(pool_names)}
-        rows = torch.tensor([slot.get(n, -1) for n in names], dtype=torch.int64, device=x.device)
-        scales = {n: self._kind(n).row_scale(self, n, x.dtype) for n in present if n in slot}
-        row_scale = None
-        if any(s is not None for s in scales.values()):
-            one = torch.ones(self.out_features, dtype=x.dtype, device=x.device)
-            row_scale = torch.stack([one if scales.get(n) is None else scales[n] for n in names])
-        y = self._multi_rows(x, q, A, B, scalings, rows, row_scale)
-        return self._per_example_loop(x, q, names, [n for n in present if n not in slot], y)
-
-    def _per_example_loop(self, x, q, names, adapters, y=None):
-        """y (default: the base) plus each of `adapters`' term (and row scale) on its rows."""
-        if y is None:
-            y = nf4_linear(x, q, self.bias)
-        bias = None if self.bias is None else self.bias.to(y.dtype)
-        for name in adapters:
-            idx = torch.tensor([i for i, a in enumerate(names) if a == name], device=x.device)
-            xs, ys = x.index_select(0, idx), y.index_select(0, idx)
-            delta = self._term(name, xs).to(y.dtype)
-            scale = self._kind(name).row_scale(self, name, y.dtype)
-            if scale is not None:
-                base = ys if bias is None else ys - bias
-                delta = (scale - 1) * base + scale * delta
-            y = y.index_add(0, idx, delta)
-        return y
-
-    def _stacked_pool(self, dtype, device):
-        """(names, A [E, r_max, K], B [E, N, r_max], scalings [E]) of this layer's low-rank (fused)
-        adapters, zero-padded to the largest rank; kept on the layer until an adapter is added or
-        deleted or one of its tensors changes (keyed on each parameter's storage and _version)."""
-        names = [n for n in self.lora_config if self._kind(n).fused]
-        params = [self.adapter_params(n) for n in names]
-        pdt = {p.dtype for ps in params for p in ps}  # the adapters' own dtype when they share one
-        pool_dtype = torch.float64 if dtype == torch.float64 else pdt.pop() \
-            if len(pdt) == 1 and pdt <= {torch.float32, torch.float16, torch.bfloat16} else torch.float32
-        key = (pool_dtype, device, tuple((n, id(self.lora_config[n]), tuple((p.data_ptr(), p._version)
-                                         for p in ps)) for n, ps in zip(names, params)))
-        kept = self.__dict__.get("_stacked_pool_kept")
-        if kept is not None and kept[0] == key:
-            return kept[1]
-        with torch.no_grad():
-            pairs = [self._low_rank(n) for n in names]
-            r = max([a.shape[0] for a, _ in pairs], default=1)
-            A = torch.zeros(len(names), r, self.in_features, dtype=pool_dtype, device=device)
-            B = torch.zeros(len(names), self.out_features, r, dtype=pool_dtype, device=device)
-            for e, (a, b) in enumerate(pairs):
-                A[e, :a.shape[0]] = a
-                B[e, :, :b.shape[1]] = b
-            s = torch.tensor([self.lora_config[n].scaling for n in names], dtype=torch.float32,
-                             device=device)
-        self.__dict__["_stacked_pool_kept"] = (key, (names, A, B, s))
-        return names, A, B, s
-
-    def _multi_rows(self, x, q, A, B, scalings, rows, row_scale=None):
-        """x [Bt, ..., K] with batch row i through pool slot rows[i] (int64 [Bt], -1: base only), in
-        one multi_lora_linear call; row_scale None or [Bt, N], a factor on row i's base + term
-        before the bias (DoRA: y_i = scale_i * (x_i W^T + term_i) + b)."""
-        idx = rows.view(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
-        if row_scale is None:
-            return multi_lora_linear(x, q, A, B, idx, scalings, self.bias)
-        y = multi_lora_linear(x, q, A, B, idx, scalings)
-        y = y * row_scale.view(row_scale.shape[0], *[1] * (x.dim() - 2), -1).to(y.dtype)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
     # AdapterPool.batch (serving/pool.py) sets this to a callable (layer, x) -> y that runs the
     # layer's forward over the pool's adapters instead of the layer's own.
     serving = None
@@ -432,7 +350,7 @@ class QLoRALinear(nn.Module):
         if self.serving is not None:
             return self.serving(self, x)
         if self.batch_adapter_names is not None and self.adapters_enabled:
-            return self._per_example_forward(x, self.nf4_weight, self.batch_adapter_names)
+            return per_example_forward(self, x, self.nf4_weight, self.batch_adapter_names)
         if self.merged_weight is not None and self.adapters_enabled:
             b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.merged_weight.to(x.dtype), b)

@@ -21,6 +21,7 @@ from ..adapters.dora import low_rank_row_norm
 from ..lora.io import MAGNITUDE, _read_config, _read_weights, _validate
 from ..lora.model import _check_targets, qlora_layers
 from ..lora.targets import find_targets, pattern_value
+from ..per_example import multi_rows
 from ..nn import _check_adapter_name
 
 BASE = "__base__"
@@ -81,7 +82,7 @@ class _LayerSlots:
             if x.shape[0] != rows.shape[0]:
                 raise ValueError(f"AdapterPool.batch named {rows.shape[0]} adapters but the batch has "
                                  f"{x.shape[0]} rows (dim 0 of the input)")
-            return layer._multi_rows(x, layer.nf4_weight, A, B, s, rows, row_scale)
+            return multi_rows(layer, x, layer.nf4_weight, A, B, s, rows, row_scale)
         return serve
 
 
