@@ -14,6 +14,7 @@ block scales (`weight.absmax`) as Shard(0) DTensors over each rank's bytes (view
 place), and the nested scales, the code maps and the quant-state JSON (the whole weight's shape)
 as plain tensors, identical on every rank.
 """
+import functools
 import types
 
 import torch
@@ -21,22 +22,24 @@ import torch
 from .nf4 import NF4Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_type():
+    """torch's DTensor class, looked up once (None in a torch built without distributed)."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
+    except ImportError:
         return None
     return DTensor
 
 
-def _is_dtensor(t):
+def is_dtensor(t):
     DTensor = _dtensor_type()
     return DTensor is not None and isinstance(t, DTensor)
 
 
 def nf4_local(w):
     """The NF4Tensor behind a layer's weight: itself, or this rank's shard of a DTensor."""
-    return w._local_tensor if _is_dtensor(w) else w
+    return w._local_tensor if is_dtensor(w) else w
 
 
 # ------------------------------------------------------------------------------ FSDP2 extension
@@ -74,7 +77,7 @@ def _expose_key_path(w):
 def nf4_state_dict_entries(w, key, keep_vars=False):
     """bitsandbytes' Linear4bit keys for a layer weight `w` (NF4Tensor, or a DTensor of shards)."""
     _expose_key_path(w)
-    if not _is_dtensor(w):
+    if not is_dtensor(w):
         sd = w.to_bnb_state_dict(key)
         return sd if keep_vars else {k: v.detach() for k, v in sd.items()}
     from torch.distributed.tensor import DTensor, Shard
@@ -120,17 +123,17 @@ def load_nf4_entries(w, sub, key):
     """The NF4Tensor held by bitsandbytes' keys in `sub` for a layer whose weight is `w`. For a
     sharded `w` the entries (sharded DTensors, or a whole weight's plain tensors) are checked and
     copied into this rank's shard in place, which is returned."""
-    if not _is_dtensor(w):
+    if not is_dtensor(w):
         return NF4Tensor.from_bnb_state_dict(sub, prefix=key)
     local = w._local_tensor
-    plain = {k: (v.full_tensor() if _is_dtensor(v) else v) for k, v in sub.items()
+    plain = {k: (v.full_tensor() if is_dtensor(v) else v) for k, v in sub.items()
              if k != key and k != key + ".absmax"}
     codes, absmax = sub[key], sub.get(key + ".absmax")
     if absmax is None:
         raise KeyError(f"state dict is missing '{key}.absmax'")
-    if _is_dtensor(codes) != _is_dtensor(absmax):
+    if is_dtensor(codes) != is_dtensor(absmax):
         raise ValueError(f"'{key}' and '{key}.absmax' must both be sharded or both be whole")
-    if _is_dtensor(codes):
+    if is_dtensor(codes):
         # The shard's own rows; the JSON and nested scales describe the whole weight.
         whole = NF4Tensor.from_bnb_state_dict(
             {**plain, key: torch.zeros(codes.shape, dtype=torch.uint8),

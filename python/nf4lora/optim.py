@@ -19,6 +19,7 @@ import torch
 from . import _optim_ops
 from ._optim_ops import BLOCK, MIN_8BIT_SIZE, n_blocks
 from .backends import optim_cpu, optim_cuda, optim_default  # noqa: F401  (register the kernels)
+from .nf4_fsdp import is_dtensor
 
 __all__ = ["PagedAdamW"]
 
@@ -142,7 +143,7 @@ class PagedAdamW(torch.optim.Optimizer):
         return torch.empty((numel,), dtype=dtype, device=dev, pin_memory=pinned)
 
     def _init_state(self, p, group):
-        if _is_dtensor(p):  # FSDP2: state shards like its parameter (this rank's rows)
+        if is_dtensor(p):  # FSDP2: state shards like its parameter (this rank's rows)
             if group["optim_bits"] == 8:
                 raise ValueError("PagedAdamW: optim_bits=8 is not supported for sharded (DTensor) "
                                  "parameters; use optim_bits=32 under FSDP2")
@@ -182,7 +183,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 st = self.state[p]
                 if not st:
                     st.update(self._init_state(p, group))
-                if _is_dtensor(p):  # the kernels update this rank's shard
+                if is_dtensor(p):  # the kernels update this rank's shard
                     p, g = p._local_tensor, g._local_tensor
                     if p.numel() == 0:
                         st["step"] += 1
@@ -245,7 +246,7 @@ class PagedAdamW(torch.optim.Optimizer):
             self.state[p] = self._restore_param_state(p, g, st, key)
 
     def _restore_param_state(self, p, group, st, key):
-        if _is_dtensor(p):
+        if is_dtensor(p):
             return self._restore_sharded_state(p, st, key)
         n = p.numel()
         if not isinstance(st, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
@@ -283,17 +284,12 @@ class PagedAdamW(torch.optim.Optimizer):
         local = p._local_tensor
         for name in _STATE32:
             t = st[name]
-            t = t._local_tensor if _is_dtensor(t) else t
+            t = t._local_tensor if is_dtensor(t) else t
             if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.numel() != local.numel():
                 raise ValueError(f"state of param {key}: {name} must be float32 with this rank's "
                                  f"{local.numel()} elements")
             out[name] = _like_param(p, t.to(local.device, copy=True).reshape(local.shape))
         return out
-
-
-def _is_dtensor(t):
-    from .nf4_fsdp import _is_dtensor as is_dtensor
-    return is_dtensor(t)
 
 
 def _like_param(p, local):
@@ -305,5 +301,5 @@ def _like_param(p, local):
 
 def _local_flat(t):
     """The flat view the kernels update: this rank's part of a sharded state tensor, or t."""
-    return t._local_tensor.view(-1) if _is_dtensor(t) else t
+    return t._local_tensor.view(-1) if is_dtensor(t) else t
 

@@ -53,9 +53,11 @@ def _check_r(r):
         raise ValueError(f"r must be a positive int, got {r!r}")
 
 
-def _check_dropout(name, p):
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+def check_dropout(name, p):
+    """A dropout probability: a number in [0, 1) (the model-level apply_* check it before the model
+    is touched, the configs again when built)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
 
 
 def _check_alpha(alpha):
@@ -76,7 +78,7 @@ class AdapterConfig:
     def __post_init__(self):
         _check_r(self.r)
         _check_alpha(self.lora_alpha)
-        _check_dropout("lora_dropout", self.lora_dropout)
+        check_dropout("lora_dropout", self.lora_dropout)
         object.__setattr__(self, "lora_dropout", float(self.lora_dropout))
 
     @property

@@ -444,6 +444,16 @@ def _validate(model, cfg, names, weights):
     return by_module
 
 
+def file_targets(model, cfg):
+    """The module names an adapter_config.json's target fields select in `model` (PEFT's matching
+    rules), checked to be linears the model has."""
+    tm = cfg["target_modules"]
+    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
+                         cfg.get("exclude_modules"))
+    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    return names
+
+
 def load_adapter(model, path, adapter_name="default", is_trainable=False, blocksize=64,
                  double_quant=True):
     """Load a LoRA adapter that PEFT (or save_adapter) wrote into `model` as adapter `adapter_name`.
@@ -470,9 +480,7 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     if cfg["peft_type"] in (BLOCKDIAG_TYPE, "LOKR"):
         return _load_parts(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant)
     tm = cfg["target_modules"]
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     by_module = _validate(model, cfg, names, weights)
     first = not active_adapters(model)
     apply_qlora(model, tm, r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
@@ -483,13 +491,7 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
                 init_lora_weights=True, exclude_modules=cfg.get("exclude_modules"),
                 blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name,
                 use_dora=bool(cfg.get("use_dora", False)))
-    with torch.no_grad():
-        for n in names:
-            layer = model.get_submodule(n)
-            for which, (_, t) in by_module[n].items():
-                getattr(layer, which)[adapter_name].weight.copy_(t)
-            if layer.merged_adapters:
-                layer._remerge()
+    _copy_lora_weights(model, by_module, adapter_name)
     adapter_configs(model)[adapter_name]["init_lora_weights"] = cfg.get("init_lora_weights", True)
     if first:
         set_adapter(model, adapter_name, inference_mode=not is_trainable)
@@ -502,10 +504,7 @@ def _load_into_existing(model, cfg, weights, adapter_name):
         raise ValueError(f"adapter {adapter_name!r} already exists; loading a {cfg['peft_type']} file "
                          "into an existing adapter is supported for LoRA / DoRA only (delete_adapter "
                          "first, or load under another name)")
-    tm = cfg["target_modules"]
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     have = [n for n, layer in qlora_layers(model) if adapter_name in layer.lora_config]
     if sorted(names) != sorted(have):
         raise ValueError(f"adapter {adapter_name!r} exists on modules {sorted(have)} but the file's "
@@ -520,15 +519,20 @@ def _load_into_existing(model, cfg, weights, adapter_name):
             if c[field] != v:
                 raise ValueError(f"adapter {adapter_name!r} on '{n}' has {field}={c[field]!r} but the "
                                  f"file's adapter_config.json gives {v!r}")
-    by_module = _validate(model, cfg, names, weights)
-    with torch.no_grad():
-        for n in names:
-            layer = model.get_submodule(n)
-            for which, (_, t) in by_module[n].items():
-                getattr(layer, which)[adapter_name].weight.copy_(t)
-            if adapter_name in layer.merged_adapters:
-                layer._remerge()
+    _copy_lora_weights(model, _validate(model, cfg, names, weights), adapter_name)
     return model
+
+
+def _copy_lora_weights(model, by_module, adapter_name):
+    """_validate's {module: {part: (key, tensor)}} into adapter `adapter_name`'s parameters, in
+    place; a merged layer re-merges."""
+    with torch.no_grad():
+        for n, parts in by_module.items():
+            layer = model.get_submodule(n)
+            for which, (_, t) in parts.items():
+                getattr(layer, which)[adapter_name].weight.copy_(t)
+            if layer.merged_adapters:
+                layer._remerge()
 
 
 def _check_exact(weights, want, kind):
@@ -551,9 +555,7 @@ def _load_vera(model, cfg, weights, adapter_name, is_trainable, blocksize, doubl
     """A PEFT VERA adapter: every target's lambdas present with the right shapes, projections (if
     the file has them) of the shapes the targets need; nothing else in the file."""
     tm, r = cfg["target_modules"], cfg.get("r", 256)
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     layers = {n: model.get_submodule(n) for n in names}
     want = {}
     for n, layer in layers.items():
@@ -590,9 +592,7 @@ def _load_adalora(model, cfg, weights, adapter_name, is_trainable, blocksize, do
     ranks zero (E = 0 is what pruning means), so the scaling alpha / init_r stays PEFT's."""
     tm, init_r = cfg["target_modules"], cfg.get("init_r", 12)
     pattern = cfg.get("rank_pattern")
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     if pattern is not None:
         extra = set(pattern) - {f"{n}.lora_E" for n in names}
         if extra:
@@ -658,9 +658,7 @@ def _load_parts(model, cfg, weights, adapter_name, is_trainable, blocksize, doub
     under the config, of their shapes; then the model-level apply_* with the file's config, and the
     weights copied in."""
     tm = cfg["target_modules"]
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     want = {f"{PREFIX}{n}.{part}": shape for n in names
             for part, shape in _expected_parts(model.get_submodule(n), cfg, n).items()}
     _check_exact(weights, want, cfg["peft_type"])

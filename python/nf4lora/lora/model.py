@@ -13,6 +13,7 @@ import math
 
 from torch import nn
 
+from ..adapters.base import check_dropout as _check_dropout
 from ..adapters.lora import check_init, is_basic_init
 from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
@@ -71,12 +72,6 @@ def _ddp_ignore(model, param_name):
     ignored = model.__dict__.setdefault("_ddp_params_and_buffers_to_ignore", [])
     if param_name not in ignored:
         ignored.append(param_name)
-
-
-def _check_dropout(name, p):
-    """Checked before a model is touched (QLoRALinear checks again per layer)."""
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
 
 
 def _check_targets(model, names, what):

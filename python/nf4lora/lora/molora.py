@@ -5,7 +5,7 @@ PEFT has no such kind) save and load through nl.save_adapter / nl.load_adapter."
 import torch
 
 from ..adapters import MoloraConfig
-from .model import (_activate_new, _adaptable_layers, _check_dropout, _new_adapter_targets,
+from .model import (_activate_new, _adaptable_layers, _new_adapter_targets,
                     _targets_record, adapter_configs, qlora_layers)
 
 PARTS = ("lora_A", "lora_B", "lora_router")
@@ -27,7 +27,6 @@ def apply_molora(model, target_modules, num_experts=4, r=8, lora_alpha=16, top_k
     if isinstance(router_aux_loss_coef, bool) or not isinstance(router_aux_loss_coef, (int, float)) \
             or not 0.0 <= router_aux_loss_coef < float("inf"):
         raise ValueError(f"router_aux_loss_coef must be a finite number >= 0, got {router_aux_loss_coef!r}")
-    _check_dropout("lora_dropout", lora_dropout)
     target_modules, names = _new_adapter_targets(model, adapter_name, target_modules, layers_to_transform,
                                                  layers_pattern, exclude_modules)
     for layer in _adaptable_layers(model, names, blocksize, double_quant):
@@ -73,12 +72,10 @@ def molora_file_config(c):
 
 def load_molora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
     """MOLORA files into a new adapter: every key checked against the layers it targets first."""
-    from .io import PREFIX, _check_exact, _check_targets, find_targets, set_adapter
+    from .io import PREFIX, _check_exact, file_targets, set_adapter
     from .model import active_adapters
     tm = cfg["target_modules"]
-    names = find_targets(model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
-                         cfg.get("exclude_modules"))
-    _check_targets(model, names, f"adapter_config.json target_modules={tm!r}")
+    names = file_targets(model, cfg)
     E, r = cfg.get("num_experts", 4), cfg.get("r", 8)
     want = {}
     for n in names:
