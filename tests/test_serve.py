@@ -185,3 +185,62 @@ def test_completions_on_a_causal_lm(tmp_path):
                     nxt = ref(torch.tensor([ids])).logits[0, -1].argmax()
                 ids.append(int(nxt))
         assert r.json()["choices"][0]["text"] == tok.decode(ids[-4:], skip_special_tokens=True), (n, p)
+
+
+def _cli(*args, timeout=120):
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "nf4lora", "serve", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--base", "bundled", "--adapter", "no-equals-sign"], "--adapter must be NAME=DIR"),
+    (["--base", "bundled", "--adapter", "a=/nonexistent/adapter"], "--adapter a=/nonexistent/adapter"),
+    (["--base", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_cli_bad_arguments_exit_nonzero_without_traceback(args, message):
+    out = _cli(*args)
+    assert out.returncode != 0
+    assert message in out.stderr + out.stdout
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_serves_as_a_user_starts_it(made):
+    """`python -m nf4lora serve --base bundled --adapter qv=DIR --port P`: it comes up, answers an
+    embedding for the adapter (equal to running it alone) and stops on Ctrl-C (SIGINT) the way
+    every nf4lora command does: one line, exit status 130, no traceback."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    _, _, root = made
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nf4lora", "serve", "--base", "bundled",
+                             "--adapter", f"qv={root / 'qv'}", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            try:
+                if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.5)
+        models = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+        assert "qv" in models
+        r = httpx.post(url + "/v1/embeddings", json={"model": "qv", "input": TEXTS[:2]}, timeout=60)
+        assert r.status_code == 200
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        assert (got - _alone(made, "qv", TEXTS[:2])).abs().max() < 1e-4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "nf4lora: interrupted" in err and "Traceback" not in err
+    assert f"http://127.0.0.1:{port}" in out + err
