@@ -24,6 +24,8 @@ import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
 from nf4lora.benchmarks.layer import _One, peft_bnb_layer  # noqa: E402
+from nf4lora.benchmarks.linear import forward_path  # noqa: E402
+from nf4lora.multi_lora import multi_lora_plan  # noqa: E402
 
 
 def build(K, N, E, r, dtype, with_peft):
@@ -115,14 +117,19 @@ def main(argv=None):
                 base_ms = med["ours"]
             diff = {k: common.fmt(float((outs[k].float() - outs["ours"].float()).norm()
                                         / outs["ours"].float().norm())) for k in outs if k != "ours"}
-            rows.append([dname, n, common.fmt(med["ours"]), common.fmt(med["mixed_batch"]),
+            plan = multi_lora_plan(idx)
+            path = (f"{forward_path(args.M, args.N, args.K, x.dtype)} + "
+                    + (f"sgmv {plan['sgmv_groups']} grp" if plan["sgmv_rows"] else "")
+                    + (" / " if plan["sgmv_rows"] and plan["bgmv_rows"] else "")
+                    + (f"bgmv {plan['bgmv_rows']} rows" if plan["bgmv_rows"] else "") + f" ({plan['isa']})")
+            rows.append([dname, n, path, common.fmt(med["ours"]), common.fmt(med["mixed_batch"]),
                          common.fmt(med.get("peft", float("nan"))),
                          common.fmt(med["ours"] / base_ms),
                          common.fmt(med.get("peft", float("nan")) / med["ours"]),
                          common.fmt(med["mixed_batch"] / med["ours"]),
                          diff.get("peft", "-"), diff["mixed_batch"]])
             print(f"  {dname} {n} adapters done", flush=True)
-    common.print_table(rows, ["dtype", "adapters", "ours ms", "mixed_batch ms", "PEFT ms",
+    common.print_table(rows, ["dtype", "adapters", "our path (base + LoRA)", "ours ms", "mixed_batch ms", "PEFT ms",
                               "ours / ours@1", "PEFT / ours", "mixed / ours", "rel diff PEFT",
                               "rel diff mixed"],
                        title="multi_lora_linear vs PEFT adapter_names vs nl.mixed_batch")
