@@ -212,9 +212,45 @@ def test_lokr_files_both_ways(base, tmp_path, kw):
         assert rel(loaded(x).logits, pm(x).logits) < 1e-5
 
 
+@pytest.mark.parametrize("kw", [dict(rank_dropout=0.3), dict(rank_dropout=0.3, rank_dropout_scale=True),
+                                dict(module_dropout=0.5), dict(rank_dropout=0.5, module_dropout=0.3, r=16)])
+def test_lokr_dropouts_match_peft_with_the_same_rng(base, kw):
+    """PEFT's rank_dropout (rows of the delta, optionally rescaled) and module_dropout (the whole
+    term per forward), drawn from torch's RNG in PEFT's order: seeded training steps give PEFT's
+    losses and gradients, dropped modules and masks included; eval ignores them."""
+    m, pm = _lokr_pair(base, **kw)
+    x = tokens()
+    m.train(), pm.train()
+    losses = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        lm = m(input_ids=x, labels=x).loss
+        torch.manual_seed(seed)
+        lp = pm(input_ids=x, labels=x).loss
+        assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp)), seed
+        losses.add(round(float(lm), 6))
+        for p in list(m.parameters()) + list(pm.parameters()):
+            p.grad = None
+        assert lm.requires_grad == lp.requires_grad  # every module dropped on both sides, or not
+        if lm.requires_grad:
+            lm.backward(), lp.backward()
+        theirs = {n.replace("base_model.model.", ""): p for n, p in pm.named_parameters() if p.requires_grad}
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                g, h = p.grad, theirs[n].grad
+                assert (g is None or not g.any()) == (h is None or not h.any()), n  # dropped together
+                if h is not None and h.any():
+                    assert rel(g, h) < 1e-5, (seed, n)
+    assert len(losses) > 1  # the draws differ per seed: the dropouts act
+    m.eval(), pm.eval()
+    with torch.no_grad():
+        assert rel(m(x).logits, pm(x).logits) < 1e-5
+
+
 @pytest.mark.parametrize("kw,match", [
-    (dict(rank_dropout=0.1), "does not implement PEFT's rank_dropout"),
-    (dict(module_dropout=0.5), "does not implement PEFT's module_dropout"),
+    (dict(rank_dropout=1.0), "rank_dropout must be a number in"),
+    (dict(module_dropout=-0.5), "module_dropout must be a number in"),
+    (dict(rank_dropout_scale="yes"), "rank_dropout_scale must be True or False"),
     (dict(r=0), "r must be a positive int"),
     (dict(alpha=float("nan")), "lora_alpha must be a finite number"),
     (dict(decompose_both="yes"), "decompose_both must be True or False"),
@@ -233,7 +269,8 @@ def test_lokr_bad_files_rejected(base, tmp_path):
     m, _ = _lokr_pair(base)
     nl.save_adapter(m, str(tmp_path))
     for change, match in ((dict(r=16), "unexpected key .*lokr_w2_a'"),
-                          (dict(rank_dropout=0.2), "does not implement PEFT's rank_dropout"),
+                          (dict(rank_dropout=1.2), "rank_dropout must be a number in"),
+                          (dict(rank_dropout_scale="no"), "rank_dropout_scale must be true or false"),
                           (dict(decompose_both=1), "decompose_both must be true or false"),
                           (dict(use_effective_conv2d=True), "use_effective_conv2d")):
         assert_edited_config_rejected(base, tmp_path, change, match, exc=(ValueError, NotImplementedError))

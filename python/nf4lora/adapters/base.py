@@ -17,17 +17,40 @@ An adapter kind (lora.py, dora.py, vera.py, adalora.py) is one object that says,
   row_scale   None, or a per-output-row factor applied to the base + term (DoRA)
   delete      drop its tensors (generic: every container of the kind)
 The layer (nn.py) is an NF4 base plus one loop over the active adapters that only calls these.
+
+And its PEFT file mapping (lora/io.py reads, checks and writes the files; the kind says what goes
+where). `cfg` is an adapter_config.json dict (read from a file, or the model-level config the
+kind's apply_* recorded), `module` a layer's name in the model, a "suffix" a file key after
+"base_model.model.<module>.":
+  peft_type        the config's peft_type (FILE_TYPES: peft_type -> the kind that reads it)
+  unsupported      file fields nf4lora does not implement (each must be falsy)
+  check_file_config(cfg)          field types and ranges; a ValueError naming the field
+  file_config(c)                  the JSON fields beyond the header, from a model-level config
+  apply_kwargs(cfg, trainable)    the kind's apply_* keyword arguments for a file's config
+  restored_fields  {field: default} copied from the file into the model-level config after loading
+  layer_config(cfg, module)       the layer config the file gives `module`
+  file_shapes(cfg, module, N, K)  {suffix: shape} the file must hold for that layer
+  model_file_shapes(cfg, dims, keys)  {key: shape} of tensors shared by the layers (VeRA), checks
+                                  across layers; dims {module: (N, K)}, keys the file's keys
+  file_tensors / load_file_tensors    one layer's tensors out of / into the layer
+  model_file_tensors / load_model_file_tensors   the shared ones
 """
 import dataclasses
 import math
 
+import torch
 import torch.nn.functional as F
+from torch import nn
 
-KINDS = {}  # kind name -> AdapterKind instance
+KINDS = {}       # kind name -> AdapterKind instance
+FILE_TYPES = {}  # adapter_config.json peft_type -> the kind whose file mapping reads it
 
 
-def register(kind):
+def register(kind, reads_files=True):
+    """reads_files=False: the kind's files are another kind's peft_type (DoRA: LORA with use_dora)."""
     KINDS[kind.name] = kind
+    if reads_files:
+        FILE_TYPES[kind.peft_type] = kind
     return kind
 
 
@@ -98,6 +121,19 @@ class AdapterConfig:
     def get(self, key, default=None):
         return getattr(self, key, default)
 
+    # fields that do not change what the adapter's weights mean: a file loads into an existing
+    # adapter whose config differs only in these
+    load_ignores = ("lora_dropout",)
+
+    def mismatch(self, other):
+        """(field, mine, other's) of the first field (beyond load_ignores) that differs, or None."""
+        if type(self) is not type(other):
+            return "kind", self.kind, other.kind
+        for f in dataclasses.fields(self):
+            if f.name not in self.load_ignores and getattr(self, f.name) != getattr(other, f.name):
+                return f.name, getattr(self, f.name), getattr(other, f.name)
+        return None
+
 
 class AdapterKind:
     name = "lora"
@@ -138,6 +174,60 @@ class AdapterKind:
             box = getattr(layer, attr)
             if name in box:
                 del box[name]
+
+    # ---------------------------------------------------------------- PEFT file mapping
+    peft_type = None
+    unsupported = ("fan_in_fan_out", "modules_to_save")
+    restored_fields = {}
+
+    def check_file_config(self, cfg):
+        raise NotImplementedError
+
+    def file_config(self, c):
+        raise NotImplementedError
+
+    def apply_kwargs(self, cfg, trainable):
+        raise NotImplementedError
+
+    def layer_config(self, cfg, module):
+        raise NotImplementedError
+
+    def file_shapes(self, cfg, module, N, K):
+        raise NotImplementedError
+
+    def model_file_shapes(self, cfg, dims, keys):
+        return {}
+
+    def suffix(self, part):
+        """A part's file key suffix: PEFT's module containers hold an nn.Linear (or a module with a
+        .weight), so their keys end in ".weight"; parameter containers hold the tensor itself."""
+        return part + ".weight" if self.containers[part] is nn.ModuleDict else part
+
+    def _tensor(self, layer, part, name):
+        box = getattr(layer, part)
+        return box[name].weight if isinstance(box, nn.ModuleDict) else box[name]
+
+    def file_tensors(self, layer, name, cfg, module):
+        """{suffix: tensor} of every part the adapter has in the layer (detached CPU copies)."""
+        return {self.suffix(p): self._tensor(layer, p, name).detach().cpu().contiguous().clone()
+                for p in self.parts if name in getattr(layer, p)}
+
+    def load_file_tensors(self, layer, name, tensors, cfg, module):
+        """A checked file's {suffix: tensor} into the layer's parts, in place."""
+        with torch.no_grad():
+            for p in self.parts:
+                if name in getattr(layer, p):
+                    self._tensor(layer, p, name).copy_(tensors[self.suffix(p)])
+
+    def model_file_tensors(self, layers, name, cfg):
+        return {}
+
+    def load_model_file_tensors(self, layers, name, weights):
+        pass
+
+    def shape_hint(self, cfg, module, suffix, got, want):
+        """A hint appended to a shape error (LoRA: which r the config gives)."""
+        return ""
 
 
 def new_containers(module):

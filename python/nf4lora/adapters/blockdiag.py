@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from .base import AdapterConfig, AdapterKind, register
-from .lora import is_basic_init
+from .lora import LORA, is_basic_init
+
+PEFT_TYPE = "NF4LORA_BLOCKDIAG"  # adapter_config.json's peft_type (nf4lora's own; PEFT refuses it)
 
 
 def check_blocks(n, r, in_features=None, out_features=None, where=""):
@@ -83,6 +85,36 @@ class BlockDiagLoRA(AdapterKind):
 
     def low_rank(self, layer, name):
         return torch.block_diag(*layer.lora_block_A[name]), torch.block_diag(*layer.lora_block_B[name])
+
+
+    # ---------------------------------------------------------------- file mapping
+    # NF4LORA_BLOCKDIAG: LORA's config fields + "lora_blocks"; <module>.lora_block_A [n, r/n, K/n],
+    # .lora_block_B [n, N/n, r/n]
+    peft_type = PEFT_TYPE
+    unsupported = ("fan_in_fan_out", "modules_to_save", "use_dora")
+    restored_fields = {"init_lora_weights": True}
+
+    def check_file_config(self, cfg):
+        LORA.check_file_config(cfg)
+        n = cfg.get("lora_blocks")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"lora_blocks must be an int >= 2, got {n!r}")
+
+    def file_config(self, c):
+        return {**LORA.file_config(c), "lora_blocks": c["lora_blocks"]}
+
+    def apply_kwargs(self, cfg, trainable):
+        return {**LORA.apply_kwargs(cfg, trainable), "lora_blocks": cfg["lora_blocks"]}
+
+    def layer_config(self, cfg, module):
+        c = LORA.layer_config(cfg, module)
+        return BlockLoraConfig(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                               use_rslora=c.use_rslora, lora_blocks=cfg["lora_blocks"])
+
+    def file_shapes(self, cfg, module, N, K):
+        r, b = LORA.layer_config(cfg, module).r, cfg["lora_blocks"]
+        check_blocks(b, r, K, N, f" of '{module}'")
+        return {"lora_block_A": (b, r // b, K // b), "lora_block_B": (b, N // b, r // b)}
 
 
 BLOCKDIAG = register(BlockDiagLoRA())

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..functional import nf4_linear
 from .base import register
-from .lora import LoRA
+from .lora import MAGNITUDE, LoRA
 
 
 class LoraMagnitude(nn.Module):
@@ -41,8 +41,8 @@ def low_rank_row_norm(layer, A, B, s):
 
 class DoRA(LoRA):
     name = "dora"
-    containers = {**LoRA.containers, "lora_magnitude_vector": nn.ModuleDict}
-    parts = LoRA.parts + ("lora_magnitude_vector",)
+    containers = {**LoRA.containers, MAGNITUDE: nn.ModuleDict}
+    parts = LoRA.parts + (MAGNITUDE,)
     has_row_scale = True
 
     def create(self, layer, name, cfg, init_lora_weights=True, dtype=None, init_options=None):
@@ -70,4 +70,8 @@ class DoRA(LoRA):
         return (m / (w0 + delta).norm(dim=1))[:, None] * (w + delta)
 
 
-DORA = register(DoRA())
+    def suffix(self, part):
+        return part if part == MAGNITUDE else super().suffix(part)  # PEFT writes it without ".weight"
+
+
+DORA = register(DoRA(), reads_files=False)  # its files are LORA's with use_dora (lora.py reads them)

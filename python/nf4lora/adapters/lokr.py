@@ -8,7 +8,12 @@
 (PEFT's parameter names, shapes, choice of factors and initialisation). The term never builds the
 dense [N, K]: with x [.., K] viewed as X [.., c, d], x kron(w1, w2)^T = w1 X w2^T [.., a, b], which
 costs (c d b + a c b) per row instead of N K. Not fused (fused = False): the layer adds it to the
-NF4 base output. PEFT's rank_dropout / module_dropout are not implemented (apply_lokr rejects them).
+NF4 base output.
+
+Training-time dropouts as PEFT's LoKr draws them (same torch RNG calls, same order, so a seeded run
+matches PEFT's): per forward in training one torch.rand(1) per adapter, the term skipped when it is
+<= module_dropout; with rank_dropout > 0 a torch.rand(N) mask over the delta's rows (the output
+features), divided by its mean with rank_dropout_scale.
 """
 import dataclasses
 import math
@@ -16,7 +21,8 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterConfig, AdapterKind, register
+from . import file_fields as ff
+from .base import AdapterConfig, AdapterKind, check_dropout, register
 
 PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 INITS = (True, False, "lycoris")
@@ -55,12 +61,21 @@ def check_init(init_weights):
 
 @dataclasses.dataclass(frozen=True)
 class LoKrConfig(AdapterConfig):
-    """r, lora_alpha (PEFT's `alpha`), decompose_both, decompose_factor; scaling alpha / r."""
+    """r, lora_alpha (PEFT's `alpha`), decompose_both, decompose_factor, the dropouts; scaling alpha / r."""
     decompose_both: bool = False
     decompose_factor: int = -1
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    rank_dropout_scale: bool = False
+
+    load_ignores = ("lora_dropout", "rank_dropout", "module_dropout", "rank_dropout_scale")
 
     def __post_init__(self):
         super().__post_init__()
+        check_dropout("rank_dropout", self.rank_dropout)
+        check_dropout("module_dropout", self.module_dropout)
+        if not isinstance(self.rank_dropout_scale, bool):
+            raise ValueError(f"rank_dropout_scale must be True or False, got {self.rank_dropout_scale!r}")
         if not isinstance(self.decompose_both, bool):
             raise ValueError(f"decompose_both must be True or False, got {self.decompose_both!r}")
         f = self.decompose_factor
@@ -134,7 +149,20 @@ class LoKr(AdapterKind):
         raise ValueError("a LoKr adapter is a Kronecker product, not one low-rank pair (use term / delta)")
 
     def term(self, layer, name, h):
-        """s * h kron(w1, w2)^T for h [.., K]: w1 X w2^T with X = h viewed [.., c, d]."""
+        """s * h kron(w1, w2)^T for h [.., K]: w1 X w2^T with X = h viewed [.., c, d]; in training
+        with PEFT's module and rank dropouts."""
+        cfg = layer.lora_config[name]
+        if layer.training and not bool(torch.rand(1) > cfg.module_dropout):  # PEFT draws even at p = 0
+            return h.new_zeros(*h.shape[:-1], layer.out_features)
+        y = self._kron_term(layer, name, h)
+        if layer.training and cfg.rank_dropout:
+            drop = (torch.rand(layer.out_features) > cfg.rank_dropout).float()
+            if cfg.rank_dropout_scale and bool(drop.any()):  # (PEFT divides by 0 when all drop)
+                drop /= drop.mean()
+            y = y * drop.to(device=y.device, dtype=y.dtype)
+        return y
+
+    def _kron_term(self, layer, name, h):
         w1, w2 = _factor(layer, name, "lokr_w1"), _factor(layer, name, "lokr_w2")
         c = w1[0].shape[1] if w1[1] is None else w1[1].shape[1]
         X = h.reshape(-1, c, layer.in_features // c)
@@ -145,6 +173,57 @@ class LoKr(AdapterKind):
     def delta(self, layer, name):
         w1, w2 = _dense(_factor(layer, name, "lokr_w1")), _dense(_factor(layer, name, "lokr_w2"))
         return layer.lora_config[name].scaling * torch.kron(w1.float(), w2.float())
+
+
+    # ---------------------------------------------------------------- PEFT file mapping
+    # LOKR: <module>.lokr_w1 [a, c] or .lokr_w1_a [a, r] + .lokr_w1_b [r, c], and .lokr_w2 [b, d]
+    # or .lokr_w2_a [b, r] + .lokr_w2_b [r, d]: the parts the layer's config gives it
+    peft_type = "LOKR"
+    unsupported = ("modules_to_save", "use_effective_conv2d")
+    restored_fields = {"init_weights": True}
+
+    def check_file_config(self, cfg):
+        ff.common(cfg)
+        ff.positive_int(cfg, "r", 8)
+        ff.number(cfg, "alpha", 8)
+        ff.boolean(cfg, "decompose_both")
+        ff.integer(cfg, "decompose_factor", -1)
+        ff.boolean(cfg, "rank_dropout_scale")
+        ff.rank_alpha_patterns(cfg)
+
+    def file_config(self, c):
+        return {**ff.targets_record(c), "r": c["r"], "alpha": c["alpha"], "rank_dropout": c["rank_dropout"],
+                "module_dropout": c["module_dropout"], "rank_dropout_scale": c["rank_dropout_scale"],
+                "use_effective_conv2d": False,
+                "decompose_both": c["decompose_both"], "decompose_factor": c["decompose_factor"],
+                "init_weights": c["init_weights"], "rank_pattern": c["rank_pattern"],
+                "alpha_pattern": c["alpha_pattern"], "modules_to_save": None}
+
+    def apply_kwargs(self, cfg, trainable):
+        return dict(r=cfg.get("r", 8), alpha=cfg.get("alpha", 8), decompose_both=cfg.get("decompose_both", False),
+                    decompose_factor=cfg.get("decompose_factor", -1), rank_pattern=cfg.get("rank_pattern"),
+                    rank_dropout=cfg.get("rank_dropout", 0.0) or 0.0,
+                    module_dropout=cfg.get("module_dropout", 0.0) or 0.0,
+                    rank_dropout_scale=cfg.get("rank_dropout_scale", False),
+                    alpha_pattern=cfg.get("alpha_pattern"), layers_to_transform=cfg.get("layers_to_transform"),
+                    layers_pattern=cfg.get("layers_pattern"), exclude_modules=cfg.get("exclude_modules"))
+
+    def layer_config(self, cfg, module):
+        from ..lora.targets import pattern_value
+        return LoKrConfig(r=pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8)),
+                          lora_alpha=pattern_value(cfg.get("alpha_pattern"), module, cfg.get("alpha", 8)),
+                          decompose_both=cfg.get("decompose_both", False),
+                          decompose_factor=cfg.get("decompose_factor", -1),
+                          rank_dropout=cfg.get("rank_dropout", 0.0) or 0.0,
+                          module_dropout=cfg.get("module_dropout", 0.0) or 0.0,
+                          rank_dropout_scale=cfg.get("rank_dropout_scale", False))
+
+    def file_shapes(self, cfg, module, N, K):
+        c = self.layer_config(cfg, module)
+        (a, b), (c_, d), use_w1, use_w2 = lokr_shapes(N, K, c.r, c.decompose_both, c.decompose_factor)
+        shapes = {"lokr_w1": (a, c_)} if use_w1 else {"lokr_w1_a": (a, c.r), "lokr_w1_b": (c.r, c_)}
+        shapes.update({"lokr_w2": (b, d)} if use_w2 else {"lokr_w2_a": (b, c.r), "lokr_w2_b": (c.r, d)})
+        return shapes
 
 
 LOKR = register(LoKr())

@@ -5,7 +5,10 @@ import math
 import torch
 from torch import nn
 
+from . import file_fields as ff
 from .base import AdapterConfig, AdapterKind, register
+
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's part; PEFT's key has no ".weight"
 
 INITS = (True, False, "gaussian")  # drawn here; PEFT's other names go through lora/init_methods.py
 
@@ -78,6 +81,59 @@ class LoRA(AdapterKind):
 
     def low_rank(self, layer, name):
         return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+    # ---------------------------------------------------------------- PEFT file mapping
+    # LORA: <module>.lora_A.weight [r, K], .lora_B.weight [N, r], and with use_dora
+    # .lora_magnitude_vector [N] (dora.py's part)
+    peft_type = "LORA"
+    unsupported = ("fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
+                   "layer_replication", "use_qalora", "trainable_token_indices", "alora_invocation_tokens")
+    restored_fields = {"init_lora_weights": True}
+
+    def check_file_config(self, cfg):
+        ff.common(cfg)
+        ff.positive_int(cfg, "r", 8)
+        ff.boolean(cfg, "use_dora")
+        ff.boolean(cfg, "use_rslora")
+        ff.number(cfg, "lora_alpha", 8)
+        ff.rank_alpha_patterns(cfg)
+
+    def file_config(self, c):
+        return {**ff.targets_record(c), "r": c["r"], "lora_alpha": c["lora_alpha"],
+                "lora_dropout": c["lora_dropout"], "rank_pattern": c["rank_pattern"],
+                "alpha_pattern": c["alpha_pattern"], "use_rslora": c["use_rslora"], "bias": "none",
+                "fan_in_fan_out": False, "use_dora": c.get("use_dora", False), "modules_to_save": None,
+                "init_lora_weights": c["init_lora_weights"]}
+
+    def apply_kwargs(self, cfg, trainable):
+        return dict(r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
+                    lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                    layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                    rank_pattern=cfg.get("rank_pattern"), alpha_pattern=cfg.get("alpha_pattern"),
+                    use_rslora=cfg.get("use_rslora", False), exclude_modules=cfg.get("exclude_modules"),
+                    use_dora=cfg.get("use_dora", False))
+
+    def layer_config(self, cfg, module):
+        from ..lora.targets import pattern_value
+        return AdapterConfig(r=pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8)),
+                             lora_alpha=pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)),
+                             lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                             use_rslora=cfg.get("use_rslora", False), use_dora=cfg.get("use_dora", False))
+
+    def file_shapes(self, cfg, module, N, K):
+        r = self.layer_config(cfg, module).r
+        shapes = {"lora_A.weight": (r, K), "lora_B.weight": (N, r)}
+        if cfg.get("use_dora", False):
+            shapes[MAGNITUDE] = (N,)
+        return shapes
+
+    def shape_hint(self, cfg, module, suffix, got, want):
+        if suffix not in ("lora_A.weight", "lora_B.weight") or len(got) != 2:
+            return ""
+        rdim = 0 if suffix == "lora_A.weight" else 1
+        if got[1 - rdim] != want[1 - rdim]:
+            return ""
+        return f" (adapter_config.json gives r={want[rdim]} for '{module}' but the tensor has rank {got[rdim]})"
 
 
 LORA = register(LoRA())

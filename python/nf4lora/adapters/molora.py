@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import file_fields as ff
 from .base import AdapterConfig, AdapterKind, _check_r, register
 
 
@@ -103,6 +104,42 @@ class MoLoRA(AdapterKind):
     def delta(self, layer, name):
         raise ValueError(f"adapter {name!r} is a mixture of LoRA experts: its weight change depends "
                          "on each token's routing, so it cannot be merged into the weight")
+
+
+    # ---------------------------------------------------------------- file mapping
+    # MOLORA (nf4lora's own: PEFT has no mixture of LoRA experts): <module>.lora_A.weight [E*r, K],
+    # .lora_B.weight [N, E*r], .lora_router.weight [E, K]
+    peft_type = "MOLORA"
+    unsupported = ("fan_in_fan_out", "modules_to_save", "use_dora")
+
+    def check_file_config(self, cfg):
+        ff.common(cfg)
+        ff.positive_int(cfg, "r", 8)
+        ff.positive_int(cfg, "num_experts", 4)
+        if cfg.get("top_k") is not None:
+            ff.positive_int(cfg, "top_k", 1)
+        ff.number(cfg, "lora_alpha", 16)
+        ff.number(cfg, "router_aux_loss_coef", 0.01)
+
+    def file_config(self, c):
+        return {**ff.targets_record(c), **{k: c[k] for k in ("r", "lora_alpha", "num_experts", "top_k",
+                                                             "router_aux_loss_coef", "lora_dropout")}}
+
+    def apply_kwargs(self, cfg, trainable):
+        return dict(num_experts=cfg.get("num_experts", 4), r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 16),
+                    top_k=cfg.get("top_k"), router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
+                    lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                    layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                    exclude_modules=cfg.get("exclude_modules"))
+
+    def layer_config(self, cfg, module):
+        return MoloraConfig(r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 16),
+                            lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                            num_experts=cfg.get("num_experts", 4), top_k=cfg.get("top_k"))
+
+    def file_shapes(self, cfg, module, N, K):
+        E, r = cfg.get("num_experts", 4), cfg.get("r", 8)
+        return {"lora_A.weight": (E * r, K), "lora_B.weight": (N, E * r), "lora_router.weight": (E, K)}
 
 
 MOLORA = register(MoLoRA())

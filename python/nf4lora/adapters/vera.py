@@ -8,7 +8,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import file_fields as ff
 from .base import AdapterConfig, AdapterKind, register
+
+VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"  # the shared projections' file keys
 
 
 class VeraProjections(nn.Module):
@@ -24,6 +27,8 @@ class VeraProjections(nn.Module):
 @dataclasses.dataclass(frozen=True)
 class VeraConfig(AdapterConfig):
     d_initial: float = 0.1
+
+    load_ignores = ("lora_dropout", "d_initial")  # d_initial only sets the initial lambda_d
 
     def __post_init__(self):
         super().__post_init__()
@@ -73,6 +78,59 @@ class VeRA(AdapterKind):
         A_s = P.A[:r, : layer.in_features].to(device=ld.device, dtype=ld.dtype)
         B_s = P.B[: layer.out_features, :r].to(device=lb.device, dtype=lb.dtype)
         return ld[:, None] * A_s, lb[:, None] * B_s
+
+
+    # ---------------------------------------------------------------- PEFT file mapping
+    # VERA: <module>.vera_lambda_b [N], .vera_lambda_d [r]; with save_projection the shared
+    # base_model.vera_A [r, K_max], base_model.vera_B [N_max, r] (else regenerated from the key)
+    peft_type = "VERA"
+    restored_fields = {"init_weights": True}
+
+    def check_file_config(self, cfg):
+        ff.common(cfg)
+        ff.positive_int(cfg, "r", 256)
+        ff.integer(cfg, "projection_prng_key", 0)
+        ff.number(cfg, "d_initial", 0.1)
+        ff.boolean(cfg, "save_projection")
+
+    def file_config(self, c):
+        return {**ff.targets_record(c), "r": c["r"], "projection_prng_key": c["projection_prng_key"],
+                "save_projection": c["save_projection"], "vera_dropout": c["vera_dropout"],
+                "d_initial": c["d_initial"], "init_weights": c["init_weights"], "bias": "none",
+                "fan_in_fan_out": False, "modules_to_save": None}
+
+    def apply_kwargs(self, cfg, trainable):
+        return dict(r=cfg.get("r", 256), projection_prng_key=cfg.get("projection_prng_key", 0),
+                    vera_dropout=cfg.get("vera_dropout", 0.0) or 0.0, d_initial=cfg.get("d_initial", 0.1),
+                    save_projection=cfg.get("save_projection", True),
+                    layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
+                    exclude_modules=cfg.get("exclude_modules"))
+
+    def layer_config(self, cfg, module):
+        return VeraConfig(r=cfg.get("r", 256), lora_dropout=cfg.get("vera_dropout", 0.0) or 0.0,
+                          d_initial=cfg.get("d_initial", 0.1))
+
+    def file_shapes(self, cfg, module, N, K):
+        return {"vera_lambda_b": (N,), "vera_lambda_d": (cfg.get("r", 256),)}
+
+    def model_file_shapes(self, cfg, dims, keys):
+        if VERA_A not in keys and VERA_B not in keys:  # saved without: regenerated from the key
+            return {}
+        r = cfg.get("r", 256)
+        return {VERA_A: (r, max(K for _, K in dims.values())), VERA_B: (max(N for N, _ in dims.values()), r)}
+
+    def model_file_tensors(self, layers, name, cfg):
+        if not cfg["save_projection"]:
+            return {}
+        P = next(iter(layers)).vera_projections[name]  # one module shared by every layer
+        return {VERA_A: P.A.cpu().contiguous().clone(), VERA_B: P.B.cpu().contiguous().clone()}
+
+    def load_model_file_tensors(self, layers, name, weights):
+        if VERA_A in weights:  # the file's projections replace the regenerated ones (PEFT loads them too)
+            P = next(iter(layers)).vera_projections[name]
+            with torch.no_grad():
+                P.A.copy_(weights[VERA_A])
+                P.B.copy_(weights[VERA_B])
 
 
 VERA = register(VeRA())

@@ -15,11 +15,10 @@ from torch import nn
 
 from ..adapters.base import check_dropout as _check_dropout
 from ..adapters.lora import check_init, is_basic_init
+from ..adapters.blockdiag import PEFT_TYPE as BLOCKDIAG_TYPE
 from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
 from .targets import ALL_LINEAR, find_targets, pattern_value
-
-BLOCKDIAG_TYPE = "NF4LORA_BLOCKDIAG"  # adapter_config.json's peft_type of a block-diagonal LoRA adapter
 
 
 def qlora_layers(model):
@@ -203,7 +202,7 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
                           use_dora=use_dora, init_options=init_options)
         if not basic:
             errors[n] = layer.init_errors.pop(adapter_name)
-    adapter_configs(model)[adapter_name] = dict(init_errors=errors,
+    adapter_configs(model)[adapter_name] = dict(peft_type="LORA", init_errors=errors,
         r=r, lora_alpha=lora_alpha, lora_dropout=float(lora_dropout),
         **_targets_record(target_modules, names, exclude_modules),
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,

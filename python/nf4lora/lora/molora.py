@@ -1,14 +1,13 @@
 """Mixture of LoRA experts over an NF4 model (adapters/molora.py has the layer math):
 apply_molora adds one to the matching linears, router_aux_loss gives the training loop the
 load-balancing term of the last forward, and the adapter files (nf4lora's own MOLORA layout:
-PEFT has no such kind) save and load through nl.save_adapter / nl.load_adapter."""
+PEFT has no such kind; adapters/molora.py maps it) save and load through nl.save_adapter /
+nl.load_adapter."""
 import torch
 
 from ..adapters import MoloraConfig
 from .model import (_activate_new, _adaptable_layers, _new_adapter_targets,
                     _targets_record, adapter_configs, qlora_layers)
-
-PARTS = ("lora_A", "lora_B", "lora_router")
 
 
 def apply_molora(model, target_modules, num_experts=4, r=8, lora_alpha=16, top_k=None,
@@ -55,47 +54,3 @@ def router_aux_loss(model, adapter_name=None):
         if losses:
             terms.append(configs[a]["router_aux_loss_coef"] * torch.stack(losses).mean())
     return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-def molora_tensors(model, adapter_name):
-    """{file key: tensor} of a MoLoRA adapter (base_model.model.<module>.<part>.weight)."""
-    from .io import _key
-    return {_key(n, which): getattr(layer, which)[adapter_name].weight.detach().cpu().contiguous().clone()
-            for n, layer in qlora_layers(model) if adapter_name in layer.lora_config for which in PARTS}
-
-
-def molora_file_config(c):
-    return {k: c[k] for k in ("r", "lora_alpha", "num_experts", "top_k", "router_aux_loss_coef",
-                              "lora_dropout", "target_modules", "exclude_modules",
-                              "layers_to_transform", "layers_pattern")}
-
-
-def load_molora(model, cfg, weights, adapter_name, is_trainable, blocksize, double_quant):
-    """MOLORA files into a new adapter: every key checked against the layers it targets first."""
-    from .io import PREFIX, _check_exact, file_targets, set_adapter
-    from .model import active_adapters
-    tm = cfg["target_modules"]
-    names = file_targets(model, cfg)
-    E, r = cfg.get("num_experts", 4), cfg.get("r", 8)
-    want = {}
-    for n in names:
-        layer = model.get_submodule(n)
-        want[f"{PREFIX}{n}.lora_A.weight"] = (E * r, layer.in_features)
-        want[f"{PREFIX}{n}.lora_B.weight"] = (layer.out_features, E * r)
-        want[f"{PREFIX}{n}.lora_router.weight"] = (E, layer.in_features)
-    _check_exact(weights, want, "MOLORA")
-    first = not active_adapters(model)
-    apply_molora(model, tm, num_experts=E, r=r, lora_alpha=cfg.get("lora_alpha", 16),
-                 top_k=cfg.get("top_k"), router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01),
-                 lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-                 layers_to_transform=cfg.get("layers_to_transform"),
-                 layers_pattern=cfg.get("layers_pattern"), exclude_modules=cfg.get("exclude_modules"),
-                 blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name)
-    with torch.no_grad():
-        for n in names:
-            layer = model.get_submodule(n)
-            for which in PARTS:
-                getattr(layer, which)[adapter_name].weight.copy_(weights[f"{PREFIX}{n}.{which}.weight"])
-    if first:
-        set_adapter(model, adapter_name, inference_mode=not is_trainable)
-    return model

@@ -16,11 +16,11 @@ import threading
 
 import torch
 
-from ..adapters import AdapterConfig
 from ..adapters.dora import low_rank_row_norm
-from ..lora.io import MAGNITUDE, _read_config, _read_weights, _validate
+from ..adapters.lora import LORA, MAGNITUDE
+from ..lora.io import _read_config, _read_weights, check_file
 from ..lora.model import _check_targets, qlora_layers
-from ..lora.targets import find_targets, pattern_value
+from ..lora.targets import find_targets
 from ..per_example import multi_rows
 from ..nn import _check_adapter_name
 
@@ -255,16 +255,10 @@ class AdapterPool:
             if n not in self._slots:
                 raise ValueError(f"{path}: target module '{n}' is not a QLoRALinear layer of this model "
                                  "(quantize_model / apply_qlora it before building the pool)")
-        by_module = _validate(self.model, cfg, names, weights)
-        out = {}
-        for n in names:
-            c = AdapterConfig(r=pattern_value(cfg.get("rank_pattern"), n, cfg.get("r", 8)),
-                              lora_alpha=pattern_value(cfg.get("alpha_pattern"), n, cfg.get("lora_alpha", 8)),
-                              use_rslora=bool(cfg.get("use_rslora", False)))
-            rename = {"lora_A": "A", "lora_B": "B", MAGNITUDE: "magnitude"}
-            out[n] = {rename[which]: t for which, (_, t) in by_module[n].items()}
-            out[n]["scaling"] = c.scaling
-        return out
+        per_layer, _ = check_file(cfg, {n: self.model.get_submodule(n) for n in names}, weights)
+        rename = {"lora_A.weight": "A", "lora_B.weight": "B", MAGNITUDE: "magnitude"}
+        return {n: {**{rename[suffix]: t for suffix, t in per_layer[n].items()},
+                    "scaling": LORA.layer_config(cfg, n).scaling} for n in names}
 
     def _check_layer(self, module, d):
         if module not in self._slots:
