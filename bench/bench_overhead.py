@@ -1,6 +1,6 @@
 """Per-call overhead of the public linear functions at decode size (M = 1, a 1024 x 1024 NF4 layer).
 
-  python bench/bench_overhead.py [--repeats 2000] [--inner 10] [--threads 1]
+  python bench/bench_overhead.py [--repeats 2000] [--inner 10] [--threads 1] [--size 1024]
 
 Times nl.nf4_linear and nl.qlora_linear (r = 16) against F.linear on the dense (dequantized)
 weight, and qlora_linear also against F.linear plus PEFT-style separate LoRA matmuls, in fp32 and
@@ -8,10 +8,14 @@ bf16, under torch.no_grad(). The candidates run interleaved (one sample of each 
 order rotating per round) so drift in machine load hits them alike; a sample is the mean of
 --inner back-to-back calls, and the table gives the median sample per call in microseconds and
 ours minus the baseline. At this size the kernel itself is a few microseconds of weight reads,
-so the difference is mostly Python, argument checks and op dispatch: run it before and after
+so the difference is mostly Python, argument checks and op dispatch (the "op only" row calls the
+registered op directly, without nl.nf4_linear's Python checks: the gap between the two rows is
+what those checks cost): run it before and after
 changes to that path (issue 13 "validation once"). One thread by default: on a shared machine an
 OpenMP barrier that waits for a descheduled thread costs milliseconds and would hide the
-microseconds this measures (--threads 0 keeps torch's setting).
+microseconds this measures (--threads 0 keeps torch's setting). At 1024 x 1024 one thread's kernel
+(~150-200 us of weight reads) and its run-to-run drift (tens of us on a shared VM) are larger than
+the Python part; --size 64 makes the kernel ~1 us so the table is the per-call overhead itself.
 """
 import argparse
 import os
@@ -27,10 +31,10 @@ import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
 
-M, N, K, R = 1, 1024, 1024, 16
+M, R = 1, 16
 
 
-def cases(dtype, gen):
+def cases(dtype, gen, N, K):
     """{name: zero-argument callable} for one activation dtype."""
     w = torch.randn(N, K, generator=gen) / K ** 0.5
     q = nl.quantize_nf4(w, blocksize=64, double_quant=True)
@@ -40,7 +44,12 @@ def cases(dtype, gen):
     B = torch.randn(N, R, generator=gen) / R ** 0.5
     A_d, B_d = A.to(dtype), B.to(dtype)                   # the dense baseline's own dtype
     s = 2.0
-    return {
+    raw = {}
+    state = getattr(nl.functional, "_state", None)
+    if state is not None and hasattr(q, "nk"):  # this build's op signature (skipped on old builds)
+        st = state(q)
+        raw["torch.ops.nf4lora.nf4_linear (op only)"] = lambda: torch.ops.nf4lora.nf4_linear(x, *st, N, None)
+    return {**raw,
         "F.linear (dense W)": lambda: F.linear(x, dense),
         "F.linear + LoRA matmuls": lambda: F.linear(x, dense) + s * F.linear(F.linear(x, A_d), B_d),
         "nl.nf4_linear": lambda: nl.nf4_linear(x, q),
@@ -71,7 +80,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=2000, help="samples per candidate")
     ap.add_argument("--inner", type=int, default=10, help="back-to-back calls per sample")
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (0: as is)")
+    ap.add_argument("--size", type=int, default=1024, help="N = K of the layer (64: overhead only)")
     args = ap.parse_args()
+    N = K = args.size
     if args.threads:
         torch.set_num_threads(args.threads)
     print(common.machine_info())
@@ -81,7 +92,7 @@ def main():
     rows = []
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
-            us = interleaved_us(cases(dtype, gen), args.repeats, args.inner)
+            us = interleaved_us(cases(dtype, gen, N, K), args.repeats, args.inner)
             base = us["F.linear (dense W)"]
             peft = us["F.linear + LoRA matmuls"]
             for name, t in us.items():
@@ -89,7 +100,7 @@ def main():
                 rows.append([str(dtype).replace("torch.", ""), name, f"{t:.1f}",
                              f"{t - base:+.1f}", "" if vs is None or vs is base else f"{t - vs:+.1f}"])
     common.print_table(rows, ["dtype", "call", "us/call", "- F.linear (us)", "- F.linear+LoRA (us)"],
-                       title="Per-call time at M=1, 1024x1024")
+                       title=f"Per-call time at M=1, {N}x{K}")
 
 
 if __name__ == "__main__":
