@@ -3,6 +3,7 @@ clients sending concurrent requests for 3 adapters (and the base): each answer e
 run alone; bad requests get a 4xx JSON error while good ones keep succeeding; POST /adapters only
 reads under the adapter roots; clean shutdown. Completions on a tiny causal LM."""
 import asyncio
+import contextlib
 import os
 import shutil
 
@@ -185,6 +186,20 @@ def test_completions_on_a_causal_lm(tmp_path):
                     nxt = ref(torch.tensor([ids])).logits[0, -1].argmax()
                 ids.append(int(nxt))
         assert r.json()["choices"][0]["text"] == tok.decode(ids[-4:], skip_special_tokens=True), (n, p)
+    # longer answers straight from the engine: the prompts run once, then one token per row per
+    # step against the KV cache, and each row still equals its own full-recompute greedy run
+    widths = []
+    hook = s.engine.model.register_forward_pre_hook(lambda mod, a, kw: widths.append(kw["input_ids"].shape[1]),
+                                                    with_kwargs=True)
+    texts, _ = s.engine.complete([p for _, p in prompts], ["a", "__base__", "a"], [12, 12, 5])
+    hook.remove()
+    assert widths[1:] == [1] * 11 and widths[0] == max(len(tok.encode(p)) for _, p in prompts)
+    for (n, p), text, k in zip(prompts, texts, [12, 12, 5]):
+        ids = tok.encode(p)
+        with torch.no_grad(), (nl.disable_adapter(ref) if n == "base" else contextlib.nullcontext()):
+            for _ in range(k):
+                ids.append(int(ref(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert text == tok.decode(ids[-k:], skip_special_tokens=True), (n, p)
 
 
 def _cli(*args, timeout=120):

@@ -79,25 +79,33 @@ class Engine:
 
     @torch.inference_mode()
     def complete(self, prompts, adapters, max_tokens):
-        """Greedy continuations (token id lists, finish reasons); row i through adapters[i]; each
-        step runs the whole left-padded batch (no KV cache: short generations)."""
+        """Greedy continuations (token id lists, finish reasons); row i through adapters[i]. The
+        left-padded prompts run once, then each step feeds one token per row against the model's
+        KV cache (rows that finished keep stepping until all have; their tokens are dropped)."""
         seqs = [self._ids(p) or [self.pad] for p in prompts]
         eos = self.tok.eos_token_id
         out, done = [[] for _ in seqs], [m == 0 for m in max_tokens]
+        ids, mask = self._padded(seqs, left=True)
+        pos = (mask.cumsum(1) - 1).clamp_min(0)  # left padding: each row's positions start at 0
+        past = None
         for _ in range(max(max_tokens)):
             if all(done):
                 break
-            ids, mask = self._padded(seqs, left=True)
-            pos = (mask.cumsum(1) - 1).clamp_min(0)
             with self.pool.batch(adapters):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-            nxt = logits.argmax(-1).tolist()
-            for i, t in enumerate(nxt):
+                res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                 use_cache=True)
+            past = res.past_key_values
+            nxt = res.logits[:, -1].argmax(-1)
+            for i, t in enumerate(nxt.tolist()):
                 if done[i]:
                     continue
                 out[i].append(t)
-                seqs[i] = seqs[i] + [t]
                 done[i] = len(out[i]) >= max_tokens[i] or (eos is not None and t == eos)
+            if past is None:  # a model without a cache: run the whole sequence again
+                ids, pos = torch.cat([ids, nxt[:, None]], 1), torch.cat([pos, pos[:, -1:] + 1], 1)
+            else:
+                ids, pos = nxt[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, mask.new_ones(len(seqs), 1)], 1)
         reasons = ["stop" if eos is not None and o and o[-1] == eos else "length" for o in out]
         return [self.tok.decode(o, skip_special_tokens=True) for o in out], reasons
 
