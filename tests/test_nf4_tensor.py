@@ -171,3 +171,30 @@ def test_unsupported_ops_raise_clearly():
         torch.chunk(q, 2, dim=1)
     with pytest.raises(ValueError, match="different layouts"):
         q.copy_(_q((64, 128), double_quant=False))
+
+
+def test_bnb_layout_is_read_from_sizes_alone(gen):
+    """read_bnb_layout (what a sharded state-dict load checks the whole weight's keys with) measures
+    the codes and block scales without reading them: meta tensors of a 70B-sized layer pass, the
+    same checks as a real load reject wrong sizes."""
+    from nf4lora.nf4 import read_bnb_layout
+    q = nl.quantize_nf4(torch.randn(256, 128, generator=gen))
+    sd = q.to_bnb_state_dict("w")
+    small = read_bnb_layout(sd, "w")
+    assert small.shape == [256, 128] and small.double_quant and small.blocksize == 64
+    assert torch.equal(small.absmax2, q.absmax2) and small.offset == q.offset
+    N, K = 28672, 8192  # a 70B MLP projection: 117 MB of codes, never allocated here
+    big = nl.quantize_nf4(torch.randn(16384 * 4, generator=gen).reshape(256, 256))
+    meta = big.to_bnb_state_dict("w")
+    import json
+    info = json.loads(bytes(meta["w.quant_state.bitsandbytes__nf4"].tolist()).decode())
+    info["shape"] = [N, K]
+    meta["w.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)
+    nb = N * K // 64
+    meta["w"] = torch.empty(N * K // 2, 1, dtype=torch.uint8, device="meta")
+    meta["w.absmax"] = torch.empty(nb, dtype=torch.uint8, device="meta")
+    meta["w.nested_absmax"] = torch.ones(-(-nb // 256))
+    assert read_bnb_layout(meta, "w").shape == [N, K]
+    meta["w.absmax"] = torch.empty(nb - 1, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="absmax' must have"):
+        read_bnb_layout(meta, "w")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import typing
 
 import torch
 
@@ -160,7 +161,36 @@ class NF4Tensor(torch.Tensor):
         return _from_bnb_state_dict(cls, sd, prefix)
 
 
+class BnbLayout(typing.NamedTuple):
+    """What bitsandbytes' keys say about one weight, checked: the logical shape, dtype, blocksize,
+    the nested scales (None when not double-quantized) and nested_offset."""
+    shape: list
+    dtype: torch.dtype
+    blocksize: int
+    absmax2: typing.Optional[torch.Tensor]
+    code8: typing.Optional[torch.Tensor]
+    offset: float
+
+    @property
+    def double_quant(self):
+        return self.absmax2 is not None
+
+
 def _from_bnb_state_dict(cls, sd, prefix):
+    lay = read_bnb_layout(sd, prefix)
+    packed, absmax = sd[prefix], sd[f"{prefix}.absmax"]
+    if not lay.double_quant and not bool(torch.isfinite(absmax).all()):
+        raise ValueError(f"'{prefix}.absmax' contains NaN or Inf")
+    device = packed.device
+    return cls(packed.reshape(-1).contiguous(), absmax.contiguous().to(device), lay.shape, lay.dtype,
+               lay.blocksize, None if lay.absmax2 is None else lay.absmax2.to(device),
+               None if lay.code8 is None else lay.code8.to(device), lay.offset)
+
+
+def read_bnb_layout(sd, prefix):
+    """Check bitsandbytes' keys of one weight on their sizes and dtypes (the packed codes and
+    absmax are only measured, never read: they may be shards of the whole weight, e.g. DTensors)
+    and return its BnbLayout. A float32 absmax's values are the caller's to check."""
     def get(suffix, required=True):
         key = f"{prefix}.{suffix}" if suffix else prefix
         if key not in sd:
@@ -253,13 +283,7 @@ def _from_bnb_state_dict(cls, sd, prefix):
         if absmax.dtype != torch.float32:
             raise ValueError(f"'{prefix}.absmax' must be float32 when not double-quantized, got "
                              f"{absmax.dtype}")
-        if not bool(torch.isfinite(absmax).all()):
-            raise ValueError(f"'{prefix}.absmax' contains NaN or Inf")
-    device = packed.device
-    return cls(packed.reshape(-1).contiguous(), absmax.contiguous().to(device), shape,
-               _DTYPE_NAMES[dtype_name], blocksize,
-               None if absmax2 is None else absmax2.to(device),
-               None if code8 is None else code8.to(device), float(offset))
+    return BnbLayout(shape, _DTYPE_NAMES[dtype_name], blocksize, absmax2, code8, float(offset))
 
 
 def quantize_nf4(w, blocksize=64, double_quant=True) -> NF4Tensor:

@@ -19,7 +19,7 @@ import types
 
 import torch
 
-from .nf4 import NF4Tensor
+from .nf4 import NF4Tensor, read_bnb_layout
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,11 +134,12 @@ def load_nf4_entries(w, sub, key):
     if is_dtensor(codes) != is_dtensor(absmax):
         raise ValueError(f"'{key}' and '{key}.absmax' must both be sharded or both be whole")
     if is_dtensor(codes):
-        # The shard's own rows; the JSON and nested scales describe the whole weight.
-        whole = NF4Tensor.from_bnb_state_dict(
-            {**plain, key: torch.zeros(codes.shape, dtype=torch.uint8),
-             key + ".absmax": torch.zeros(absmax.shape, dtype=absmax.dtype)}, prefix=key)
+        # The shard's own rows; the JSON and nested scales describe the whole weight, checked
+        # against the DTensors' global sizes (nothing whole-sized is allocated).
+        whole = read_bnb_layout({**plain, key: codes, key + ".absmax": absmax}, key)
         codes, absmax = codes.to_local(), absmax.to_local()
+        if not whole.double_quant and not bool(torch.isfinite(absmax).all()):
+            raise ValueError(f"'{key}.absmax' contains NaN or Inf")
         if codes.shape != local.packed.reshape(-1, 1).shape or absmax.shape != local.absmax.shape:
             raise ValueError(f"'{key}': this rank's shard is {tuple(codes.shape)} codes / "
                              f"{tuple(absmax.shape)} scales, the model's is "
