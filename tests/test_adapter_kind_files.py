@@ -110,3 +110,17 @@ def test_adalora_rank_mask_loads_into_existing(base, tmp_path):
         keep = torch.tensor(pattern[f"{n}.lora_E"])
         layer = fresh.get_submodule(n)
         assert not layer.lora_A["default"].weight[~keep].any() and not layer.lora_E["default"][~keep].any()
+
+
+def test_vera_without_projections_needs_the_same_key(base, tmp_path):
+    """A VeRA file saved without its projections means something only over the projections its
+    key regenerates: into an existing adapter of another key it is refused (with them it loads)."""
+    x = tokens()
+    m = _randomized(nl.apply_vera(copy.deepcopy(base), T, r=8, projection_prng_key=3, save_projection=False), 0)
+    nl.save_adapter(m, str(tmp_path))
+    other = _randomized(nl.apply_vera(copy.deepcopy(base), T, r=8, projection_prng_key=4), 1)
+    with pytest.raises(ValueError, match="projection_prng_key=4 but the file's adapter_config.json gives 3"):
+        nl.load_adapter(other, str(tmp_path), adapter_name="default")
+    same = _randomized(nl.apply_vera(copy.deepcopy(base), T, r=8, projection_prng_key=3), 1)
+    nl.load_adapter(same, str(tmp_path), adapter_name="default")
+    assert torch.equal(_logits(same, x), _logits(m, x))

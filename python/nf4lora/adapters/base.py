@@ -34,6 +34,8 @@ kind's apply_* recorded), `module` a layer's name in the model, a "suffix" a fil
                                   across layers; dims {module: (N, K)}, keys the file's keys
   file_tensors / load_file_tensors    one layer's tensors out of / into the layer
   model_file_tensors / load_model_file_tensors   the shared ones
+  model_mismatch(cfg, have, shared)   a model-level field that must match to load into an existing
+                                  adapter (VeRA's projection key when the file has no projections)
 """
 import dataclasses
 import math
@@ -221,6 +223,12 @@ class AdapterKind:
 
     def model_file_tensors(self, layers, name, cfg):
         return {}
+
+    def model_mismatch(self, cfg, have, shared):
+        """Loading a file (config cfg, shared tensors `shared`) into an existing adapter whose
+        model-level config is `have`: (field, have's, the file's) of a model-level field that would
+        change what the loaded weights mean, or None."""
+        return None
 
     def load_model_file_tensors(self, layers, name, weights):
         pass

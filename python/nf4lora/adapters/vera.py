@@ -125,6 +125,13 @@ class VeRA(AdapterKind):
         P = next(iter(layers)).vera_projections[name]  # one module shared by every layer
         return {VERA_A: P.A.cpu().contiguous().clone(), VERA_B: P.B.cpu().contiguous().clone()}
 
+    def model_mismatch(self, cfg, have, shared):
+        # without saved projections the lambdas mean something only over the key's projections
+        key = cfg.get("projection_prng_key", 0)
+        if not shared and have["projection_prng_key"] != key:
+            return "projection_prng_key", have["projection_prng_key"], key
+        return None
+
     def load_model_file_tensors(self, layers, name, weights):
         if VERA_A in weights:  # the file's projections replace the regenerated ones (PEFT loads them too)
             P = next(iter(layers)).vera_projections[name]

@@ -209,7 +209,7 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     layers = {n: model.get_submodule(n) for n in names}
     per_layer, shared = check_file(cfg, layers, weights)
     if adapter_name in adapter_configs(model):
-        _check_existing(model, kind, cfg, names, adapter_name)
+        _check_existing(model, kind, cfg, names, adapter_name, shared)
     else:
         first = not active_adapters(model)
         _APPLY[cfg["peft_type"]](model, cfg["target_modules"], **kind.apply_kwargs(cfg, is_trainable),
@@ -226,19 +226,24 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     return model
 
 
-def _check_existing(model, kind, cfg, names, adapter_name):
-    """load_adapter into an adapter the model has: its kind, targets and each layer's config must be
-    the file's (dropout aside); a mismatch is refused before anything changes."""
-    have_type = adapter_configs(model)[adapter_name]["peft_type"]
+def _check_existing(model, kind, cfg, names, adapter_name, shared):
+    """load_adapter into an adapter the model has: its kind, targets, each layer's config (dropout
+    aside) and the kind's model-level fields must be the file's; a mismatch is refused before
+    anything changes."""
+    have = adapter_configs(model)[adapter_name]
+    have_type = have["peft_type"]
     if have_type != cfg["peft_type"]:
         raise ValueError(f"adapter {adapter_name!r} is a {have_type} adapter; the file holds {cfg['peft_type']}")
-    have = [n for n, layer in qlora_layers(model) if adapter_name in layer.lora_config]
-    if sorted(names) != sorted(have):
-        raise ValueError(f"adapter {adapter_name!r} exists on modules {sorted(have)} but the file's "
+    on = [n for n, layer in qlora_layers(model) if adapter_name in layer.lora_config]
+    if sorted(names) != sorted(on):
+        raise ValueError(f"adapter {adapter_name!r} exists on modules {sorted(on)} but the file's "
                          f"config targets {sorted(names)}")
-    for n in names:
-        diff = model.get_submodule(n).lora_config[adapter_name].mismatch(kind.layer_config(cfg, n))
+    diffs = [kind.model_mismatch(cfg, have, shared)]
+    diffs += [model.get_submodule(n).lora_config[adapter_name].mismatch(kind.layer_config(cfg, n))
+              for n in names]
+    for n, diff in zip([None, *names], diffs):
         if diff is not None:
             field, mine, theirs = diff
-            raise ValueError(f"adapter {adapter_name!r} on '{n}' has {field}={mine!r} but the file's "
+            where = "" if n is None else f" on '{n}'"
+            raise ValueError(f"adapter {adapter_name!r}{where} has {field}={mine!r} but the file's "
                              f"adapter_config.json gives {theirs!r}")
