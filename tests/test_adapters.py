@@ -163,6 +163,7 @@ KEY_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
     ("use_dora", KeyError, "q_proj.lora_magnitude_vector"),
     ("use_dora_str", ValueError, "use_dora must be true or false"),
     ("bias", NotImplementedError, "bias"),
+    ("arrow", NotImplementedError, "arrow_config"),
     ("int", ValueError, KEY_B + ".*floating"),
 ])
 def test_malformed_adapter_files(base, saved, case, exc, match):
@@ -179,6 +180,7 @@ def test_malformed_adapter_files(base, saved, case, exc, match):
         "use_dora": dict(config=lambda c: c.__setitem__("use_dora", True)),
         "use_dora_str": dict(config=lambda c: c.__setitem__("use_dora", "yes")),
         "bias": dict(config=lambda c: c.__setitem__("bias", "all")),
+        "arrow": dict(config=lambda c: c.__setitem__("arrow_config", {"top_k": 3})),
         "int": dict(weights=lambda sd: sd.__setitem__(KEY_B, sd[KEY_B].to(torch.int32))),
     }
     _edit(saved, **edits[case])

@@ -85,9 +85,12 @@ class LoRA(AdapterKind):
     # ---------------------------------------------------------------- PEFT file mapping
     # LORA: <module>.lora_A.weight [r, K], .lora_B.weight [N, r], and with use_dora
     # .lora_magnitude_vector [N] (dora.py's part)
+    # use_bdlora: bdlora.py's layers (compact factor shapes); the variants below change the forward
+    # (or add tensors) in ways nf4lora does not implement, so their files are refused, not misread
     peft_type = "LORA"
     unsupported = ("fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
-                   "layer_replication", "use_qalora", "trainable_token_indices", "alora_invocation_tokens")
+                   "layer_replication", "use_qalora", "trainable_token_indices", "alora_invocation_tokens",
+                   "arrow_config", "kasa_config", "monteclora_config")
     restored_fields = {"init_lora_weights": True}
 
     def check_file_config(self, cfg):
@@ -97,13 +100,18 @@ class LoRA(AdapterKind):
         ff.boolean(cfg, "use_rslora")
         ff.number(cfg, "lora_alpha", 8)
         ff.rank_alpha_patterns(cfg)
+        if cfg.get("use_bdlora") is not None:
+            from .bdlora import check_bdlora
+            check_bdlora(cfg["use_bdlora"])
+            if cfg.get("use_dora"):
+                raise ValueError("use_bdlora with use_dora is not supported")
 
     def file_config(self, c):
         return {**ff.targets_record(c), "r": c["r"], "lora_alpha": c["lora_alpha"],
                 "lora_dropout": c["lora_dropout"], "rank_pattern": c["rank_pattern"],
                 "alpha_pattern": c["alpha_pattern"], "use_rslora": c["use_rslora"], "bias": "none",
                 "fan_in_fan_out": False, "use_dora": c.get("use_dora", False), "modules_to_save": None,
-                "init_lora_weights": c["init_lora_weights"]}
+                "init_lora_weights": c["init_lora_weights"], "use_bdlora": c.get("use_bdlora")}
 
     def apply_kwargs(self, cfg, trainable):
         return dict(r=cfg.get("r", 8), lora_alpha=cfg.get("lora_alpha", 8),
@@ -111,17 +119,29 @@ class LoRA(AdapterKind):
                     layers_to_transform=cfg.get("layers_to_transform"), layers_pattern=cfg.get("layers_pattern"),
                     rank_pattern=cfg.get("rank_pattern"), alpha_pattern=cfg.get("alpha_pattern"),
                     use_rslora=cfg.get("use_rslora", False), exclude_modules=cfg.get("exclude_modules"),
-                    use_dora=cfg.get("use_dora", False))
+                    use_dora=cfg.get("use_dora", False), use_bdlora=cfg.get("use_bdlora"))
 
     def layer_config(self, cfg, module):
+        """The module's AdapterConfig, or bdlora.py's BdLoraConfig when use_bdlora gives it a
+        block-diagonal factor."""
         from ..lora.targets import pattern_value
-        return AdapterConfig(r=pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8)),
-                             lora_alpha=pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)),
-                             lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
-                             use_rslora=cfg.get("use_rslora", False), use_dora=cfg.get("use_dora", False))
+        from .bdlora import BdLoraConfig, bd_side, check_bdlora
+        fields = dict(r=pattern_value(cfg.get("rank_pattern"), module, cfg.get("r", 8)),
+                      lora_alpha=pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)),
+                      lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0, use_rslora=cfg.get("use_rslora", False),
+                      use_dora=cfg.get("use_dora", False))
+        spec = cfg.get("use_bdlora")
+        side = None if spec is None else bd_side(check_bdlora(spec), module)
+        if side is None:
+            return AdapterConfig(**fields)
+        return BdLoraConfig(**fields, bd_side=side, nblocks=spec.get("nblocks", 1))
 
     def file_shapes(self, cfg, module, N, K):
-        r = self.layer_config(cfg, module).r
+        c = self.layer_config(cfg, module)
+        if c.kind == "bdlora":
+            from .bdlora import compact_shapes
+            return compact_shapes(c, N, K, f" of '{module}'")
+        r = c.r
         shapes = {"lora_A.weight": (r, K), "lora_B.weight": (N, r)}
         if cfg.get("use_dora", False):
             shapes[MAGNITUDE] = (N,)

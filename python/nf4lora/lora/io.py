@@ -4,7 +4,8 @@ Each adapter kind maps its own file layout (adapters/<kind>.py, "PEFT file mappi
 config fields, the tensors per layer and their shapes); this file reads, checks and writes them
 once for every kind:
 
-  LORA     <module>.lora_A.weight [r, K], .lora_B.weight [N, r], .lora_magnitude_vector [N] (DoRA)
+  LORA     <module>.lora_A.weight [r, K], .lora_B.weight [N, r], .lora_magnitude_vector [N] (DoRA);
+           with use_bdlora (BD-LoRA) A [r, K/n] or B [N, r/n]
   VERA     <module>.vera_lambda_b [N], .vera_lambda_d [r]; base_model.vera_A / vera_B (shared)
   ADALORA  <module>.lora_A [k, K], .lora_B [N, k], .lora_E [k, 1]: the k ranks rank_pattern keeps
   LOKR     <module>.lokr_w1 / _w1_a / _w1_b / _w2 / _w2_a / _w2_b: those the config gives the layer

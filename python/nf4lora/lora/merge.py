@@ -108,9 +108,9 @@ def add_weighted_adapter(model, adapters, weights, adapter_name, combination_typ
         if a not in configs:
             raise ValueError(f"adapter {a!r} not found; the model has {sorted(configs)}")
         c = configs[a]
-        if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora"):
-            raise NotImplementedError(f"add_weighted_adapter mixes plain LoRA adapters; {a!r} is "
-                                      f"{'DoRA' if c.get('use_dora') else c.get('peft_type')}")
+        if c.get("peft_type", "LORA") != "LORA" or c.get("use_dora") or c.get("use_bdlora"):
+            what = "DoRA" if c.get("use_dora") else "BD-LoRA" if c.get("use_bdlora") else c.get("peft_type")
+            raise NotImplementedError(f"add_weighted_adapter mixes plain LoRA adapters; {a!r} is {what}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weight for {a!r} must be a finite number, got {w!r}")
     if combination_type not in COMBINATIONS:

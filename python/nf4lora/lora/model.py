@@ -15,6 +15,7 @@ from torch import nn
 
 from ..adapters.base import check_dropout as _check_dropout
 from ..adapters.lora import check_init, is_basic_init
+from ..adapters.bdlora import BdLoraConfig, bd_side, check_bdlora, compact_shapes
 from ..adapters.blockdiag import PEFT_TYPE as BLOCKDIAG_TYPE
 from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
@@ -133,11 +134,13 @@ def _activate_new(model, adapter_name, inference_mode=False):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default", use_dora=False, loftq_config=None, lora_blocks=1):
+                adapter_name="default", use_dora=False, loftq_config=None, lora_blocks=1, use_bdlora=None):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
     `adapter_name`; a DoRA adapter with use_dora=True; with lora_blocks=n > 1 a block-diagonal one,
     A and B of n blocks, n x fewer parameters: adapters/blockdiag.py), in place; freeze every other
-    parameter; return the model.
+    parameter; return the model. use_bdlora: PEFT's BD-LoRA (a BdLoraConfig or its dict:
+    target_modules_bd_a / target_modules_bd_b name patterns, nblocks, match_strict): A or B of the
+    matching modules block-diagonal (adapters/bdlora.py), PEFT's LORA files.
 
     init_lora_weights takes PEFT's names: True, False, "gaussian", and the ones that also change the
     NF4 base: "pissa" / "pissa_niter_N", "olora", "loftq" (loftq_config={"loftq_iter": n}, PEFT's
@@ -179,6 +182,21 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         for n, ri, _ in plan:
             m = model.get_submodule(n)
             check_blocks(lora_blocks, ri, m.in_features, m.out_features, f" of '{n}'")
+    bd = {}  # module -> its BdLoraConfig (a block-diagonal factor)
+    if use_bdlora is not None:
+        if dataclasses.is_dataclass(use_bdlora) and not isinstance(use_bdlora, type):
+            use_bdlora = dataclasses.asdict(use_bdlora)  # PEFT's BdLoraConfig object
+        use_bdlora = check_bdlora(use_bdlora)
+        if use_dora or lora_blocks > 1 or not basic:
+            raise ValueError("use_bdlora cannot be combined with use_dora, lora_blocks > 1 or init_lora_weights="
+                             f"{init_lora_weights!r} (it takes True, False or 'gaussian')")
+        for n, ri, ai in plan:
+            side = bd_side(use_bdlora, n)
+            if side is not None:
+                m = model.get_submodule(n)
+                bd[n] = BdLoraConfig(r=ri, lora_alpha=ai, lora_dropout=lora_dropout, use_rslora=bool(use_rslora),
+                                     bd_side=side, nblocks=use_bdlora["nblocks"])
+                compact_shapes(bd[n], m.out_features, m.in_features, f" of '{n}'")
     dense = {}
     if not basic:  # the dense weights the methods decompose, before the layers are quantized
         for n in names:
@@ -197,6 +215,9 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
                                                     use_rslora=bool(use_rslora), lora_blocks=lora_blocks),
                       init_lora_weights=init_lora_weights)
             continue
+        if n in bd:
+            layer.add(adapter_name, bd[n], init_lora_weights=init_lora_weights)
+            continue
         init_options = None if basic else {**options, "weight": dense.get(n)}
         layer.add_adapter(adapter_name, ri, ai, lora_dropout, use_rslora, init_lora_weights,
                           use_dora=use_dora, init_options=init_options)
@@ -208,7 +229,7 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
-        blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora))
+        blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora), use_bdlora=use_bdlora)
     if lora_blocks > 1:  # nf4lora's own file layout (lora/io.py), not PEFT's LORA
         adapter_configs(model)[adapter_name].update(peft_type=BLOCKDIAG_TYPE, lora_blocks=lora_blocks)
     _activate_new(model, adapter_name)

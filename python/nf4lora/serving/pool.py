@@ -17,6 +17,8 @@ import threading
 import torch
 
 from ..adapters.dora import low_rank_row_norm
+from ..adapters.bdlora import BdLoraConfig
+from ..adapters.bdlora import dense as bd_dense
 from ..adapters.lora import LORA, MAGNITUDE
 from ..lora.io import _read_config, _read_weights, check_file
 from ..lora.model import _check_targets, qlora_layers
@@ -257,8 +259,13 @@ class AdapterPool:
                                  "(quantize_model / apply_qlora it before building the pool)")
         per_layer, _ = check_file(cfg, {n: self.model.get_submodule(n) for n in names}, weights)
         rename = {"lora_A.weight": "A", "lora_B.weight": "B", MAGNITUDE: "magnitude"}
-        return {n: {**{rename[suffix]: t for suffix, t in per_layer[n].items()},
-                    "scaling": LORA.layer_config(cfg, n).scaling} for n in names}
+        out = {}
+        for n in names:
+            d, lc = {rename[suffix]: t for suffix, t in per_layer[n].items()}, LORA.layer_config(cfg, n)
+            if isinstance(lc, BdLoraConfig):  # the pool holds dense factors (exact: zero blocks)
+                d["A"], d["B"] = bd_dense(lc, d["A"], d["B"])
+            out[n] = {**d, "scaling": lc.scaling}
+        return out
 
     def _check_layer(self, module, d):
         if module not in self._slots:
