@@ -1,6 +1,6 @@
 """Cost of each adapter kind on one NF4 QLoRALinear layer (CPU), measured side by side: forward +
 backward of a training step (and forward alone in eval) for LoRA, DoRA, VeRA, AdaLoRA, MoLoRA,
-block-diagonal LoRA (4 blocks) and LoKr at the same rank, against the plain NF4 layer without an adapter.
+block-diagonal LoRA (4 blocks), PEFT's BD-LoRA (A block-diagonal, 4 blocks) and LoKr at the same rank, against the plain NF4 layer without an adapter.
 
     python bench/bench_adapters.py [--K 4096 --N 4096 --M 512 --r 16 --repeats 7] [--quick]
 
@@ -10,7 +10,7 @@ rows, an r x r Gram, O(N r^2)) and, on first use, one dense pass for ||W_n||^2; 
 only scale A or B before the same fused op; MoLoRA (4 experts of rank r/4, top-2) runs the NF4
 base alone and its routed shrink / expand as torch ops (not fused); block-diagonal LoRA assembles
 its dense A, B (block_diag) before the same fused op, so it costs LoRA's time with n x fewer
-parameters; LoKr is not fused: the NF4 base op, then w1 X w2^T on x viewed [M, c, d]
+parameters; BD-LoRA likewise assembles only its block-diagonal A; LoKr is not fused: the NF4 base op, then w1 X w2^T on x viewed [M, c, d]
 (O(M (c d b + a c b)) flops, no dense [N, K]).
 """
 import argparse
@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
 import nf4lora as nl  # noqa: E402
-from nf4lora.adapters import BlockLoraConfig, LoKrConfig, MoloraConfig, VeraProjections  # noqa: E402
+from nf4lora.adapters import BdLoraConfig, BlockLoraConfig, LoKrConfig, MoloraConfig, VeraProjections  # noqa: E402
 
 
 def make(kind, K, N, r):
@@ -44,6 +44,8 @@ def make(kind, K, N, r):
         layer.add("a", MoloraConfig(r=max(1, r // 4), lora_alpha=2 * r, num_experts=4, top_k=2))
     elif kind == "blockdiag":
         layer.add("a", BlockLoraConfig(r=r, lora_alpha=2 * r, lora_blocks=4), init_lora_weights=False)
+    elif kind == "bdlora":
+        layer.add("a", BdLoraConfig(r=r, lora_alpha=2 * r, bd_side="A", nblocks=4), init_lora_weights=False)
     elif kind == "lokr":
         layer.add("a", LoKrConfig(r=r, lora_alpha=2 * r), init_weights=False)
     if kind != "none":
@@ -62,7 +64,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.K, args.N, args.M, args.repeats = 1024, 1024, 128, 3
-    kinds = ["none", "lora", "dora", "vera", "adalora", "molora", "blockdiag", "lokr"]
+    kinds = ["none", "lora", "dora", "vera", "adalora", "molora", "blockdiag", "bdlora", "lokr"]
     layers = {k: make(k, args.K, args.N, args.r) for k in kinds}
     x = torch.randn(args.M, args.K)
     gy = torch.randn(args.M, args.N)
