@@ -1,6 +1,7 @@
 """The adapter-kind protocol and its registry.
 
-An adapter kind (lora.py, dora.py, vera.py, adalora.py) is one object that says, for one adapter
+An adapter kind (one file each: lora.py, dora.py, vera.py, adalora.py, molora.py, blockdiag.py,
+bdlora.py, lokr.py) is one object that says, for one adapter
 `name` of a QLoRALinear `layer`:
   config      its config dataclass (validated once, when built); `scaling` the factor s of its term
   containers  the layer attributes it stores tensors in, PEFT's names (nn.ModuleDict of modules
@@ -224,14 +225,14 @@ class AdapterKind:
     def model_file_tensors(self, layers, name, cfg):
         return {}
 
+    def load_model_file_tensors(self, layers, name, weights):
+        pass
+
     def model_mismatch(self, cfg, have, shared):
         """Loading a file (config cfg, shared tensors `shared`) into an existing adapter whose
         model-level config is `have`: (field, have's, the file's) of a model-level field that would
         change what the loaded weights mean, or None."""
         return None
-
-    def load_model_file_tensors(self, layers, name, weights):
-        pass
 
     def shape_hint(self, cfg, module, suffix, got, want):
         """A hint appended to a shape error (LoRA: which r the config gives)."""

@@ -130,11 +130,11 @@ class LoRA(AdapterKind):
                       lora_alpha=pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)),
                       lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0, use_rslora=cfg.get("use_rslora", False),
                       use_dora=cfg.get("use_dora", False))
-        spec = cfg.get("use_bdlora")
-        side = None if spec is None else bd_side(check_bdlora(spec), module)
+        spec = None if cfg.get("use_bdlora") is None else check_bdlora(cfg["use_bdlora"])
+        side = None if spec is None else bd_side(spec, module)
         if side is None:
             return AdapterConfig(**fields)
-        return BdLoraConfig(**fields, bd_side=side, nblocks=spec.get("nblocks", 1))
+        return BdLoraConfig(**fields, bd_side=side, nblocks=spec["nblocks"])
 
     def file_shapes(self, cfg, module, N, K):
         c = self.layer_config(cfg, module)
@@ -148,7 +148,7 @@ class LoRA(AdapterKind):
         return shapes
 
     def shape_hint(self, cfg, module, suffix, got, want):
-        if suffix not in ("lora_A.weight", "lora_B.weight") or len(got) != 2:
+        if suffix not in ("lora_A.weight", "lora_B.weight") or len(got) != 2 or cfg.get("use_bdlora"):
             return ""
         rdim = 0 if suffix == "lora_A.weight" else 1
         if got[1 - rdim] != want[1 - rdim]:

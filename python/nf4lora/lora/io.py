@@ -39,7 +39,8 @@ PREFIX = "base_model.model."
 # each file type's model-level apply_* (the kind's apply_kwargs gives its arguments)
 _APPLY = {"LORA": apply_qlora, "NF4LORA_BLOCKDIAG": apply_qlora, "VERA": apply_vera, "ADALORA": apply_adalora,
           "MOLORA": apply_molora, "LOKR": apply_lokr}
-assert set(_APPLY) == set(FILE_TYPES), "every file type needs its apply_* here"
+if set(_APPLY) != set(FILE_TYPES):  # a kind registered a file type without its apply_* here
+    raise RuntimeError(f"lora/io.py _APPLY {sorted(_APPLY)} != adapter file types {sorted(FILE_TYPES)}")
 
 
 def save_adapter(model, save_directory, adapter_name="default"):
