@@ -202,3 +202,21 @@ def test_missing_files(base, tmp_path):
         nl.load_adapter(copy.deepcopy(base), str(tmp_path))
     with pytest.raises(ValueError, match="not found"):
         nl.save_adapter(nl.apply_qlora(copy.deepcopy(base), ["q_proj"]), str(tmp_path), adapter_name="x")
+
+
+def test_layers_keep_the_models_eval_mode(base, tmp_path):
+    """Layers made by apply_qlora / quantize_model / load_adapter take the mode of the module they
+    replace: an adapter file with lora_dropout loaded onto an eval-mode model for inference must not
+    drop anything (it did: new layers start in training mode)."""
+    x = tokens()
+    m = nl.apply_qlora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, lora_dropout=0.3)
+    randomize_adapters(m)
+    assert all(not mod.training for mod in m.modules())  # base is in eval mode
+    nl.save_adapter(m, str(tmp_path))
+    fresh = copy.deepcopy(base).eval()
+    nl.load_adapter(fresh, str(tmp_path))
+    assert all(not mod.training for mod in fresh.modules())
+    assert torch.equal(logits(fresh, x), logits(fresh, x)) and torch.equal(logits(fresh, x), logits(m, x))
+    trained = copy.deepcopy(base).train()
+    nl.apply_qlora(trained, ["q_proj"], r=4)
+    assert all(mod.training for mod in trained.modules())

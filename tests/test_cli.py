@@ -70,7 +70,7 @@ def test_demo_writes_metrics_plot_adapter(demo_out):
 
 def test_demo_adapter_loads_in_peft_with_our_logits(demo_out):
     """PeftModel.from_pretrained(AutoModelForSequenceClassification + dequantized NF4 weights) loads
-    every tensor of the file and gives the logits of our NF4 model carrying the same tensors."""
+    every tensor of the file, and nl.load_adapter onto the NF4 model (head included) gives its logits."""
     import copy
 
     from peft import PeftModel
@@ -87,19 +87,16 @@ def test_demo_adapter_loads_in_peft_with_our_logits(demo_out):
     tensors = load_file(str(demo_out / "adapter" / "adapter_model.safetensors"))
     plain = AutoModelForSequenceClassification.from_pretrained(d, num_labels=4, local_files_only=True)
     plain.eval()
+    # nl.load_adapter reads the whole adapter, the head (modules_to_save) included
     ours = nl.quantize_model(copy.deepcopy(plain), exclude_modules=["classifier"])
-    nl.apply_qlora(ours, cfg["target_modules"], r=cfg["r"], lora_alpha=cfg["lora_alpha"])
+    nl.load_adapter(ours, str(demo_out / "adapter"))
+    assert torch.equal(ours.classifier.modules_to_save["default"].weight,
+                       tensors["base_model.model.classifier.weight"])
     base = copy.deepcopy(plain)
     with torch.no_grad():
         for name, mod in ours.named_modules():
             if isinstance(mod, nl.QLoRALinear):
                 base.get_submodule(name).weight.copy_(mod.nf4_weight.dequantize(torch.float32))
-        own = dict(ours.named_parameters())
-        for key, t in tensors.items():
-            name = key.removeprefix("base_model.model.")
-            name = name.replace(".lora_A.weight", ".lora_A.default.weight").replace(
-                ".lora_B.weight", ".lora_B.default.weight")
-            own[name].copy_(t)
     pm = PeftModel.from_pretrained(base, str(demo_out / "adapter"))
     pm.eval()
     loaded = get_peft_model_state_dict(pm)

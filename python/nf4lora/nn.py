@@ -99,6 +99,7 @@ class QLoRALinear(nn.Module):
         try:
             with torch.no_grad():
                 kind_of(cfg).create(self, adapter_name, cfg, **options)
+            self.train(self.training)  # the new submodules in the layer's train / eval mode
         except BaseException:
             kind_of(cfg).delete(self, adapter_name)
             del self.lora_config[adapter_name]

@@ -57,7 +57,7 @@ class AdaLoRA(AdapterKind):
     # without one); they go back to their positions in the init_r-sized tensors, the pruned ranks
     # zero (E = 0 is what pruning means), so the scaling alpha / init_r stays PEFT's
     peft_type = "ADALORA"
-    unsupported = ("fan_in_fan_out", "modules_to_save", "use_dora")
+    unsupported = ("fan_in_fan_out", "use_dora")
     restored_fields = {"rank_pattern": None, "init_lora_weights": True}
 
     def suffix(self, part):
@@ -79,7 +79,7 @@ class AdaLoRA(AdapterKind):
                 "tfinal": c["tfinal"], "deltaT": c["deltaT"], "beta1": c["beta1"], "beta2": c["beta2"],
                 "orth_reg_weight": c["orth_reg_weight"], "total_step": c["total_step"],
                 "rank_pattern": c["rank_pattern"], "init_lora_weights": c["init_lora_weights"], "bias": "none",
-                "fan_in_fan_out": False, "use_dora": False, "use_rslora": False, "modules_to_save": None}
+                "fan_in_fan_out": False, "use_dora": False, "use_rslora": False}
 
     def apply_kwargs(self, cfg, trainable):
         return dict(init_r=cfg.get("init_r", 12), target_r=cfg.get("target_r", 8),

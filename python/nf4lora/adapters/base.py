@@ -180,7 +180,7 @@ class AdapterKind:
 
     # ---------------------------------------------------------------- PEFT file mapping
     peft_type = None
-    unsupported = ("fan_in_fan_out", "modules_to_save")
+    unsupported = ("fan_in_fan_out",)
     restored_fields = {}
 
     def check_file_config(self, cfg):

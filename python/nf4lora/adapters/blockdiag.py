@@ -91,7 +91,7 @@ class BlockDiagLoRA(AdapterKind):
     # NF4LORA_BLOCKDIAG: LORA's config fields + "lora_blocks"; <module>.lora_block_A [n, r/n, K/n],
     # .lora_block_B [n, N/n, r/n]
     peft_type = PEFT_TYPE
-    unsupported = ("fan_in_fan_out", "modules_to_save", "use_dora")
+    unsupported = ("fan_in_fan_out", "use_dora")
     restored_fields = {"init_lora_weights": True}
 
     def check_file_config(self, cfg):

@@ -179,7 +179,7 @@ class LoKr(AdapterKind):
     # LOKR: <module>.lokr_w1 [a, c] or .lokr_w1_a [a, r] + .lokr_w1_b [r, c], and .lokr_w2 [b, d]
     # or .lokr_w2_a [b, r] + .lokr_w2_b [r, d]: the parts the layer's config gives it
     peft_type = "LOKR"
-    unsupported = ("modules_to_save", "use_effective_conv2d")
+    unsupported = ("use_effective_conv2d",)
     restored_fields = {"init_weights": True}
 
     def check_file_config(self, cfg):
@@ -197,7 +197,7 @@ class LoKr(AdapterKind):
                 "use_effective_conv2d": False,
                 "decompose_both": c["decompose_both"], "decompose_factor": c["decompose_factor"],
                 "init_weights": c["init_weights"], "rank_pattern": c["rank_pattern"],
-                "alpha_pattern": c["alpha_pattern"], "modules_to_save": None}
+                "alpha_pattern": c["alpha_pattern"]}
 
     def apply_kwargs(self, cfg, trainable):
         return dict(r=cfg.get("r", 8), alpha=cfg.get("alpha", 8), decompose_both=cfg.get("decompose_both", False),

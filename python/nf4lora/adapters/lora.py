@@ -88,7 +88,7 @@ class LoRA(AdapterKind):
     # use_bdlora: bdlora.py's layers (compact factor shapes); the variants below change the forward
     # (or add tensors) in ways nf4lora does not implement, so their files are refused, not misread
     peft_type = "LORA"
-    unsupported = ("fan_in_fan_out", "lora_bias", "modules_to_save", "target_parameters",
+    unsupported = ("fan_in_fan_out", "lora_bias", "target_parameters",
                    "layer_replication", "use_qalora", "trainable_token_indices", "alora_invocation_tokens",
                    "arrow_config", "kasa_config", "monteclora_config")
     restored_fields = {"init_lora_weights": True}
@@ -110,7 +110,7 @@ class LoRA(AdapterKind):
         return {**ff.targets_record(c), "r": c["r"], "lora_alpha": c["lora_alpha"],
                 "lora_dropout": c["lora_dropout"], "rank_pattern": c["rank_pattern"],
                 "alpha_pattern": c["alpha_pattern"], "use_rslora": c["use_rslora"], "bias": "none",
-                "fan_in_fan_out": False, "use_dora": c.get("use_dora", False), "modules_to_save": None,
+                "fan_in_fan_out": False, "use_dora": c.get("use_dora", False),
                 "init_lora_weights": c["init_lora_weights"], "use_bdlora": c.get("use_bdlora")}
 
     def apply_kwargs(self, cfg, trainable):

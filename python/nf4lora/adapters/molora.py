@@ -110,7 +110,7 @@ class MoLoRA(AdapterKind):
     # MOLORA (nf4lora's own: PEFT has no mixture of LoRA experts): <module>.lora_A.weight [E*r, K],
     # .lora_B.weight [N, E*r], .lora_router.weight [E, K]
     peft_type = "MOLORA"
-    unsupported = ("fan_in_fan_out", "modules_to_save", "use_dora")
+    unsupported = ("fan_in_fan_out", "use_dora")
 
     def check_file_config(self, cfg):
         ff.common(cfg)

@@ -97,7 +97,7 @@ class VeRA(AdapterKind):
         return {**ff.targets_record(c), "r": c["r"], "projection_prng_key": c["projection_prng_key"],
                 "save_projection": c["save_projection"], "vera_dropout": c["vera_dropout"],
                 "d_initial": c["d_initial"], "init_weights": c["init_weights"], "bias": "none",
-                "fan_in_fan_out": False, "modules_to_save": None}
+                "fan_in_fan_out": False}
 
     def apply_kwargs(self, cfg, trainable):
         return dict(r=cfg.get("r", 256), projection_prng_key=cfg.get("projection_prng_key", 0),
@@ -128,7 +128,7 @@ class VeRA(AdapterKind):
     def model_mismatch(self, cfg, have, shared):
         # without saved projections the lambdas mean something only over the key's projections
         key = cfg.get("projection_prng_key", 0)
-        if not shared and have["projection_prng_key"] != key:
+        if VERA_A not in shared and have["projection_prng_key"] != key:
             return "projection_prng_key", have["projection_prng_key"], key
         return None
 

@@ -68,11 +68,12 @@ def bnb_state_dict(model, include_adapters=False):
     sd = model.state_dict()
     if include_adapters:
         return sd
-    return {k: v for k, v in sd.items() if not _is_adapter_key(k)}
+    # a modules_to_save module's original goes under its own keys, its adapters' copies not at all
+    return {k.replace(".original_module.", "."): v for k, v in sd.items() if not _is_adapter_key(k)}
 
 
 def _is_adapter_key(key):
-    return any(f".{part}." in key for part in ADAPTER_PARTS)
+    return any(f".{part}." in key for part in (*ADAPTER_PARTS, "modules_to_save"))
 
 
 def save_bnb_checkpoint(model, path, include_adapters=False):

@@ -26,6 +26,7 @@ from .._files import atomic_path, atomic_write_text
 from ..adapters import FILE_TYPES, KINDS, kind_of
 from .adalora import apply_adalora
 from .lokr import apply_lokr
+from . import modules_to_save as mts
 from .model import _check_targets, active_adapters, adapter_configs, apply_qlora, qlora_layers, set_adapter
 from .molora import apply_molora
 from .targets import find_targets
@@ -58,7 +59,10 @@ def save_adapter(model, save_directory, adapter_name="default"):
         for suffix, t in kind.file_tensors(layer, adapter_name, c, n).items():
             tensors[f"{PREFIX}{n}.{suffix}"] = t
     tensors.update(file_kind.model_file_tensors(layers.values(), adapter_name, c))
-    _write(save_directory, {**_config_header(model, c["peft_type"]), **file_kind.file_config(c)}, tensors)
+    tensors.update(mts.file_tensors(model, adapter_name, PREFIX))  # the copies, under their modules' keys
+    config = {**_config_header(model, c["peft_type"]), **file_kind.file_config(c),
+              "modules_to_save": c.get("modules_to_save")}
+    _write(save_directory, config, tensors)
 
 
 def _config_header(model, peft_type):
@@ -103,6 +107,7 @@ def _read_config(path):
         raise NotImplementedError(f"{cpath}: bias={cfg['bias']!r} is not supported (only 'none')")
     try:
         kind.check_file_config(cfg)
+        mts.check_names(cfg.get("modules_to_save"))
     except ValueError as e:
         raise ValueError(f"{cpath}: {e}") from None
     if cfg.get("target_modules") is None:
@@ -151,17 +156,18 @@ def _unexpected(key, layers, peft_type):
     return ValueError(f"adapter file has an unexpected {what}key '{key}' for this {peft_type} config and model")
 
 
-def check_file(cfg, layers, weights):
+def check_file(cfg, layers, weights, extra=None):
     """Check a read file against the layers it targets ({module: QLoRALinear or nn.Linear}): exactly
-    the keys the kind's file mapping gives them, finite floating tensors of the shapes it gives.
-    Returns {module: {suffix: tensor}} and the shared tensors {key: tensor}. Changes nothing."""
+    the keys the kind's file mapping gives them (and `extra`, {key: shape}: the modules_to_save
+    copies), finite floating tensors of the shapes it gives. Returns {module: {suffix: tensor}} and
+    the other tensors {key: tensor}. Changes nothing."""
     kind = FILE_TYPES[cfg["peft_type"]]
     want = {}  # key -> (module, suffix, shape)
     for n, layer in layers.items():
         for suffix, shape in kind.file_shapes(cfg, n, layer.out_features, layer.in_features).items():
             want[f"{PREFIX}{n}.{suffix}"] = (n, suffix, shape)
     dims = {n: (layer.out_features, layer.in_features) for n, layer in layers.items()}
-    shared = kind.model_file_shapes(cfg, dims, set(weights))
+    shared = {**kind.model_file_shapes(cfg, dims, set(weights)), **(extra or {})}
     for key in weights:
         if key not in want and key not in shared:
             raise _unexpected(key, layers, cfg["peft_type"])
@@ -209,15 +215,21 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     kind = FILE_TYPES[cfg["peft_type"]]
     names = file_targets(model, cfg)
     layers = {n: model.get_submodule(n) for n in names}
-    per_layer, shared = check_file(cfg, layers, weights)
+    whole = mts.resolve(model, cfg.get("modules_to_save") or [])  # modules trained whole (a head)
+    if set(whole) & set(names):
+        raise ValueError(f"adapter_config.json modules_to_save selects adapter targets {sorted(set(whole) & set(names))}")
+    per_layer, shared = check_file(cfg, layers, weights, mts.file_shapes(model, whole, PREFIX))
     if adapter_name in adapter_configs(model):
-        _check_existing(model, kind, cfg, names, adapter_name, shared)
+        _check_existing(model, kind, cfg, names, adapter_name, shared, whole)
     else:
         first = not active_adapters(model)
         _APPLY[cfg["peft_type"]](model, cfg["target_modules"], **kind.apply_kwargs(cfg, is_trainable),
                                  blocksize=blocksize, double_quant=double_quant, adapter_name=adapter_name)
+        mts.add_copies(model, whole, adapter_name)
+        adapter_configs(model)[adapter_name]["modules_to_save"] = cfg.get("modules_to_save")
         if first:
             set_adapter(model, adapter_name, inference_mode=not is_trainable)
+    mts.load_tensors(model, whole, adapter_name, shared, PREFIX)
     layers = {n: model.get_submodule(n) for n in names}  # QLoRALinear now
     for n, layer in layers.items():
         kind_of(layer.lora_config[adapter_name]).load_file_tensors(layer, adapter_name, per_layer[n], cfg, n)
@@ -228,7 +240,7 @@ def load_adapter(model, path, adapter_name="default", is_trainable=False, blocks
     return model
 
 
-def _check_existing(model, kind, cfg, names, adapter_name, shared):
+def _check_existing(model, kind, cfg, names, adapter_name, shared, whole):
     """load_adapter into an adapter the model has: its kind, targets, each layer's config (dropout
     aside) and the kind's model-level fields must be the file's; a mismatch is refused before
     anything changes."""
@@ -240,6 +252,10 @@ def _check_existing(model, kind, cfg, names, adapter_name, shared):
     if sorted(names) != sorted(on):
         raise ValueError(f"adapter {adapter_name!r} exists on modules {sorted(on)} but the file's "
                          f"config targets {sorted(names)}")
+    copies = sorted(n for n, w in mts.wrappers(model) if adapter_name in w.modules_to_save)
+    if copies != sorted(whole):
+        raise ValueError(f"adapter {adapter_name!r} has modules_to_save copies of {copies} but the file's "
+                         f"adapter_config.json gives {sorted(whole)}")
     diffs = [kind.model_mismatch(cfg, have, shared)]
     diffs += [model.get_submodule(n).lora_config[adapter_name].mismatch(kind.layer_config(cfg, n))
               for n in names]

@@ -14,6 +14,7 @@ from ..nf4 import quantize_nf4
 from .mixing import mix
 from ..nn import QLoRALinear
 from .model import _set_child, forget_adapters, qlora_layers
+from .modules_to_save import wrappers
 
 
 def _names(model, adapter_names):
@@ -67,6 +68,13 @@ def merge_and_unload(model, dtype=None, requantize=False, blocksize=None, double
             stored = new.weight.float()
         err = float((stored - w).norm() / w.norm().clamp_min(torch.finfo(torch.float32).tiny))
         report[name] = {"rel_error": err, "adapters": use}
+        _set_child(model, name, new)
+    for name, w in wrappers(model):  # a modules_to_save module becomes the active adapter's copy (PEFT)
+        pick = [a for a in (names if names is not None else [w.active_adapter]) if a in w.modules_to_save]
+        if len(pick) > 1:
+            raise ValueError(f"merge_and_unload: adapters {pick} each have their own '{name}' (modules_to_save)")
+        new = w.modules_to_save[pick[0]] if pick else w.original_module
+        new.requires_grad_(False)
         _set_child(model, name, new)
     forget_adapters(model)
     return (model, report) if return_report else model

@@ -19,6 +19,7 @@ from ..adapters.bdlora import BdLoraConfig, bd_side, check_bdlora, compact_shape
 from ..adapters.blockdiag import PEFT_TYPE as BLOCKDIAG_TYPE
 from ..adapters.blockdiag import BlockLoraConfig, check_blocks
 from ..nn import ADAPTER_PARTS, QLoRALinear, _check_adapter_name
+from . import modules_to_save as mts
 from .targets import ALL_LINEAR, find_targets, pattern_value
 
 
@@ -57,8 +58,11 @@ def active_adapters(model) -> list:
 
 
 def _set_child(model, name, new):
+    """Put `new` in place of the module `name`, in that module's train / eval mode (a layer made
+    from an eval-mode model must not run its dropout)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
     if isinstance(new, QLoRALinear):
         _ddp_ignore(model, name + ".weight")
@@ -134,13 +138,15 @@ def _activate_new(model, adapter_name, inference_mode=False):
 def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, layers_to_transform=None,
                 layers_pattern=None, rank_pattern=None, alpha_pattern=None, use_rslora=False,
                 init_lora_weights=True, exclude_modules=None, blocksize=64, double_quant=True,
-                adapter_name="default", use_dora=False, loftq_config=None, lora_blocks=1, use_bdlora=None):
+                adapter_name="default", use_dora=False, loftq_config=None, lora_blocks=1, use_bdlora=None,
+                modules_to_save=None):
     """Replace the matching nn.Linear layers of `model` by QLoRALinear (NF4 weight + a LoRA adapter
     `adapter_name`; a DoRA adapter with use_dora=True; with lora_blocks=n > 1 a block-diagonal one,
     A and B of n blocks, n x fewer parameters: adapters/blockdiag.py), in place; freeze every other
     parameter; return the model. use_bdlora: PEFT's BD-LoRA (a BdLoraConfig or its dict:
     target_modules_bd_a / target_modules_bd_b name patterns, nblocks, match_strict): A or B of the
-    matching modules block-diagonal (adapters/bdlora.py), PEFT's LORA files.
+    matching modules block-diagonal (adapters/bdlora.py), PEFT's LORA files. modules_to_save: PEFT's
+    list of modules trained whole with this adapter (a classification head; lora/modules_to_save.py).
 
     init_lora_weights takes PEFT's names: True, False, "gaussian", and the ones that also change the
     NF4 base: "pissa" / "pissa_niter_N", "olora", "loftq" (loftq_config={"loftq_iter": n}, PEFT's
@@ -182,6 +188,11 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         for n, ri, _ in plan:
             m = model.get_submodule(n)
             check_blocks(lora_blocks, ri, m.in_features, m.out_features, f" of '{n}'")
+    modules_to_save = mts.check_names(modules_to_save)
+    keep_whole = [] if modules_to_save is None else mts.resolve(model, modules_to_save)
+    overlap = set(keep_whole) & set(names)
+    if overlap:
+        raise ValueError(f"modules_to_save selects adapter targets {sorted(overlap)}")
     bd = {}  # module -> its BdLoraConfig (a block-diagonal factor)
     if use_bdlora is not None:
         if dataclasses.is_dataclass(use_bdlora) and not isinstance(use_bdlora, type):
@@ -229,7 +240,9 @@ def apply_qlora(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, laye
         layers_to_transform=layers_to_transform, layers_pattern=layers_pattern,
         rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}),
         use_rslora=bool(use_rslora), init_lora_weights=init_lora_weights,
-        blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora), use_bdlora=use_bdlora)
+        blocksize=blocksize, double_quant=double_quant, use_dora=bool(use_dora), use_bdlora=use_bdlora,
+        modules_to_save=modules_to_save)
+    mts.add_copies(model, keep_whole, adapter_name)
     if lora_blocks > 1:  # nf4lora's own file layout (lora/io.py), not PEFT's LORA
         adapter_configs(model)[adapter_name].update(peft_type=BLOCKDIAG_TYPE, lora_blocks=lora_blocks)
     _activate_new(model, adapter_name)
@@ -259,17 +272,25 @@ def set_adapter(model, adapter_name, inference_mode=False):
     for n in names:
         if n not in known:
             raise ValueError(f"adapter {n!r} not found; the model has {sorted(known)}")
+    wrapped = [w for _, w in mts.wrappers(model)]
+    for w in wrapped:  # checked before anything changes
+        have = [n for n in names if n in w.modules_to_save]
+        if len(have) > 1:
+            raise ValueError(f"adapters {have} each train their own copy of a modules_to_save module; only "
+                             "one of them can be active at a time (PEFT's rule)")
     for _, layer in qlora_layers(model):
         layer.set_adapter(names, requires_grad=not inference_mode)
+    for w in wrapped:
+        w.set_adapter(names, requires_grad=not inference_mode)
     model_adapters(model).active = names
     return model
 
 
 @contextlib.contextmanager
 def _set_on_every_layer(model, attr, value):
-    """Inside the context every QLoRALinear of the model has `attr` = value; each gets its own
-    value back on the way out, also on an exception."""
-    layers = [m for _, m in qlora_layers(model)]
+    """Inside the context every QLoRALinear (and modules_to_save wrapper) of the model has `attr` =
+    value; each gets its own value back on the way out, also on an exception."""
+    layers = [m for _, m in qlora_layers(model)] + [w for _, w in mts.wrappers(model)]
     saved = [getattr(m, attr) for m in layers]
     for m in layers:
         setattr(m, attr, value)
@@ -326,6 +347,8 @@ def delete_adapter(model, adapter_name):
     for _, layer in qlora_layers(model):
         if adapter_name in layer.lora_config:
             layer.delete_adapter(adapter_name)
+    for _, w in mts.wrappers(model):
+        w.delete(adapter_name)
     del configs[adapter_name]
     st = model_adapters(model)
     st.vera.pop(adapter_name, None)
@@ -339,8 +362,13 @@ def delete_adapter(model, adapter_name):
     else:
         for _, layer in qlora_layers(model):
             layer.active_adapters = []
+        for _, w in mts.wrappers(model):
+            w.set_adapter([])
         model_adapters(model).active = []
     return model
+
+
+TRAINED_PARTS = (*ADAPTER_PARTS, "modules_to_save")  # containers whose entries are an adapter's
 
 
 def _make_output_require_grad(module, inputs, output):
@@ -358,7 +386,7 @@ def prepare_for_training(model, gradient_checkpointing=True, gradient_checkpoint
     active = set(active_adapters(model))
     for n, p in model.named_parameters():
         parts = n.split(".")
-        is_lora = any(parts[i] in ADAPTER_PARTS and parts[i + 1] in active for i in range(len(parts) - 1))
+        is_lora = any(parts[i] in TRAINED_PARTS and parts[i + 1] in active for i in range(len(parts) - 1))
         p.requires_grad_(is_lora)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "use_cache"):

@@ -248,6 +248,9 @@ class AdapterPool:
         cfg = _read_config(path)
         if cfg["peft_type"] != "LORA":
             raise ValueError(f"{path}: AdapterPool holds LoRA / DoRA adapters, not {cfg['peft_type']}")
+        if cfg.get("modules_to_save"):
+            raise NotImplementedError(f"{path}: AdapterPool holds low-rank layers only; this adapter also "
+                                      f"trains whole modules (modules_to_save={cfg['modules_to_save']})")
         weights = _read_weights(path)
         tm = cfg["target_modules"]
         names = find_targets(self.model, tm, cfg.get("layers_to_transform"), cfg.get("layers_pattern"),
