@@ -63,6 +63,8 @@ def test_trainable_names_step_and_files_match_peft(base, tmp_path):
     names = {n for n, p in m.named_parameters() if p.requires_grad}
     assert names == {n.replace("base_model.model.", "") for n, p in pm.named_parameters() if p.requires_grad}
     assert "score.modules_to_save.default.weight" in names and "score.original_module.weight" not in names
+    nl.prepare_for_training(m, gradient_checkpointing=False)  # keeps the head copy trainable
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == names
     m.train(), pm.train()
     lm, lp = m(input_ids=x, labels=_labels()).loss, pm(input_ids=x, labels=_labels()).loss
     assert abs(float(lm) - float(lp)) <= 1e-5 * abs(float(lp))
