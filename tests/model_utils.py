@@ -129,6 +129,22 @@ def assert_training_step_matches_peft(model, peft_model, x, grad_tol=1e-4):
     return list(ours)
 
 
+def assert_eval_and_merge_match_peft(model, peft_model, x, targets, tol=1e-5):
+    """In eval mode: our logits = PEFT's, also with the adapter merged (then unmerged again), and
+    merge_and_unload gives PEFT's merged weights on `targets`."""
+    import copy
+
+    import nf4lora as nl
+    model.eval(), peft_model.eval()
+    with torch.no_grad():
+        want = peft_model(x).logits
+        assert rel(model(x).logits, want) < tol
+        nl.merge_adapter(model)
+        assert rel(model(x).logits, want) < tol
+        nl.unmerge_adapter(model)
+        assert_same_merged_weights(nl.merge_and_unload(copy.deepcopy(model)), peft_model.merge_and_unload(), targets)
+
+
 def assert_edited_config_rejected(base, path, change, match, exc=ValueError):
     """adapter_config.json at `path` with the fields in `change` replaced: load_adapter onto a fresh
     copy of `base` raises `exc` matching `match` and leaves that copy untouched. The file is restored."""

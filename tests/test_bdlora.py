@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import (assert_files_round_trip, assert_mixed_batch_matches_single, assert_same_merged_weights,
+from model_utils import (assert_eval_and_merge_match_peft, assert_files_round_trip, assert_mixed_batch_matches_single,
                          assert_training_step_matches_peft, dequantized_copy, randomize_both, rel, tiny_llama,
                          tokens)
 
@@ -59,14 +59,7 @@ def test_forward_gradients_merge_match_peft(base, kw):
     randomize_both(m, pm, scale=0.3, seed=2)
     x = tokens()
     assert_training_step_matches_peft(m, pm, x, grad_tol=1e-5)
-    m.eval(), pm.eval()
-    with torch.no_grad():
-        want = pm(x).logits
-        assert rel(m(x).logits, want) < 1e-5
-        nl.merge_adapter(m)
-        assert rel(m(x).logits, want) < 1e-5
-        nl.unmerge_adapter(m)
-        assert_same_merged_weights(nl.merge_and_unload(copy.deepcopy(m)), pm.merge_and_unload(), T)
+    assert_eval_and_merge_match_peft(m, pm, x, T)
 
 
 def test_files_both_ways(base, tmp_path):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import nf4lora as nl
-from model_utils import assert_training_step_matches_peft, dequantized_copy, rel, tokens
+from model_utils import dequantized_copy, rel, tokens
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import nf4lora as nl
 from model_utils import (assert_edited_config_rejected, assert_files_round_trip,
-                         assert_mixed_batch_matches_single, assert_same_merged_weights,
+                         assert_eval_and_merge_match_peft, assert_mixed_batch_matches_single,
                          assert_training_step_matches_peft, dequantized_copy, randomize_both, rel, tiny_llama,
                          tokens, train_losses)
 
@@ -181,15 +181,7 @@ def test_lokr_forward_gradients_merge_match_peft(base, kw):
     m, pm = _lokr_pair(base, **kw)
     x = tokens()
     assert len(assert_training_step_matches_peft(m, pm, x, grad_tol=1e-5)) >= 2 * 2 * len(TARGETS)
-    m.eval(), pm.eval()
-    with torch.no_grad():
-        want = pm(x).logits
-        assert rel(m(x).logits, want) < 1e-5
-        nl.merge_adapter(m)
-        assert rel(m(x).logits, want) < 1e-5
-        nl.unmerge_adapter(m)
-        merged = nl.merge_and_unload(copy.deepcopy(m))
-        assert_same_merged_weights(merged, pm.merge_and_unload(), TARGETS)
+    assert_eval_and_merge_match_peft(m, pm, x, TARGETS)
 
 
 @pytest.mark.parametrize("kw", [CASES[1], CASES[4]])
