@@ -304,7 +304,7 @@ def test_interrupted_adapter_write_leaves_previous(tmp_path, monkeypatch):
     model = torch.nn.Sequential(torch.nn.Linear(64, 64))
     nl.apply_qlora(model, ["0"], r=2)
     path = tmp_path / "adapter"
-    demo_adapter.write_adapter(model, str(path), None, "CAUSAL_LM")
+    demo_adapter.write_adapter(model, str(path), "CAUSAL_LM")
     before = (path / "adapter_model.safetensors").read_bytes()
 
     def half_then_interrupt(m, d):
@@ -312,7 +312,7 @@ def test_interrupted_adapter_write_leaves_previous(tmp_path, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(demo_adapter, "save_adapter", half_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
-        demo_adapter.write_adapter(model, str(path), None, "CAUSAL_LM")
+        demo_adapter.write_adapter(model, str(path), "CAUSAL_LM")
     assert (path / "adapter_model.safetensors").read_bytes() == before
     assert json.loads((path / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert os.listdir(tmp_path) == ["adapter"]

@@ -108,7 +108,7 @@ def demo(out, quick, compare, model_dir, steps, batch_size, train_size, test_siz
     }
 
     adapter_dir = os.path.join(out, "adapter")
-    write_adapter(model, adapter_dir, head, "SEQ_CLS" if kind == "classifier" else "CAUSAL_LM")
+    write_adapter(model, adapter_dir, "SEQ_CLS" if kind == "classifier" else "CAUSAL_LM")
     metrics["peft_check"] = _peft_check(model, fresh, adapter_dir, test_data, logits, kind)
     merged = merge_and_unload(model)
     acc_m, _, logits_m = evaluate(merged, test_data, kind)

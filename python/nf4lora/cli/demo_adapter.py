@@ -1,11 +1,11 @@
 """The demo's adapter directory, in PEFT's format for a transformers model class, and the checks
 that PEFT reads it back.
 
-save_adapter writes the LoRA tensors and adapter_config.json; a classifier's trained head goes in as
-PEFT's modules_to_save does it (config "modules_to_save": [head], "task_type": "SEQ_CLS", tensors
-`base_model.model.<head>.weight` / `.bias`), so
+save_adapter writes the LoRA tensors, a classifier's trained head (the model trains it as PEFT's
+modules_to_save: config "modules_to_save": [head], tensors `base_model.model.<head>.weight` /
+`.bias`) and adapter_config.json; the task type is added here ("SEQ_CLS"), so
 `PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=k),
-adapter)` restores the whole fine-tune. Everything is written in a temporary sibling directory and
+adapter)` and nl.load_adapter restore the whole fine-tune. Everything is written in a temporary sibling directory and
 renamed into place at the end: an interrupted run leaves the previous adapter (or none), never half
 of one.
 """
@@ -16,36 +16,30 @@ import shutil
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import QLoRALinear, save_adapter
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
-def _add_head(directory, model, head, task_type):
-    cpath, wpath = os.path.join(directory, CONFIG), os.path.join(directory, WEIGHTS)
+def _set_task_type(directory, task_type):
+    cpath = os.path.join(directory, CONFIG)
     with open(cpath) as f:
         cfg = json.load(f)
     cfg["task_type"] = task_type
-    if head:
-        cfg["modules_to_save"] = [head]
-        tensors = load_file(wpath)
-        for n, p in model.get_submodule(head).named_parameters():
-            tensors[f"base_model.model.{head}.{n}"] = p.detach().cpu().contiguous().clone()
-        save_file(tensors, wpath, metadata={"format": "pt"})
     with open(cpath, "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
 
 
-def write_adapter(model, path, head, task_type):
+def write_adapter(model, path, task_type):
     """Write the adapter (+ trained head) to `path` atomically: a temp dir beside it, then rename."""
     parent = os.path.dirname(os.path.abspath(path)) or "."
     tmp = tempfile.mkdtemp(prefix=".adapter.tmp-", dir=parent)
     old = None
     try:
         save_adapter(model, tmp)
-        _add_head(tmp, model, head, task_type)
+        _set_task_type(tmp, task_type)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=".adapter.old-", dir=parent)
             os.rmdir(old)

@@ -12,14 +12,12 @@ from .resources import PhasePeak
 
 def qlora(model, kind, r, alpha, dropout):
     """NF4-quantize every linear but the head, add LoRA on the attention and MLP linears, train the
-    head in full (classifier). Returns (model, targets, head module name or None)."""
+    head in full (classifier: PEFT's modules_to_save). Returns (model, targets, head name or None)."""
     head = head_name(model) if kind == "classifier" else None
     quantize_model(model, exclude_modules=[head] if head else None)
     targets = lora_targets(model)
-    apply_qlora(model, targets, r=r, lora_alpha=alpha, lora_dropout=dropout)
-    if head:
-        for p in model.get_submodule(head).parameters():
-            p.requires_grad_(True)
+    apply_qlora(model, targets, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                modules_to_save=[head] if head else None)
     return model, targets, head
 
 
