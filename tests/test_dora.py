@@ -159,3 +159,41 @@ def test_bf16_model_trains():
     m.eval()
     with torch.no_grad():
         assert torch.isfinite(m(x).logits).all()
+
+
+def test_eval_row_norm_is_remembered_until_the_weights_change(base):
+    """In eval the DoRA norm ||W + s B A|| is computed once and reused until A, B or the NF4 weight
+    change (in place or replaced); every answer equals a fresh computation."""
+    m, _ = _pair(base)
+    m.eval()
+    x = tokens()
+    layer = m.model.layers[0].self_attn.q_proj
+    calls = []
+    import nf4lora.adapters.dora as dora_mod
+    orig = dora_mod.weight_norm
+
+    def counting(l, n):
+        calls.append(n)
+        return orig(l, n)
+
+    dora_mod.weight_norm = counting
+    try:
+        with torch.no_grad():
+            y0 = m(x).logits
+            n0 = len(calls)
+            assert torch.equal(m(x).logits, y0) and len(calls) == n0  # no recomputation
+            layer.lora_B["default"].weight.mul_(1.5)                  # an in-place step
+            y1 = m(x).logits
+            assert len(calls) == n0 + 1
+            want = layer.lora_magnitude_vector["default"].weight / orig(layer, "default")
+            assert torch.equal(layer._kind("default").row_scale(layer, "default", torch.float32), want)
+            assert rel(y1, y0) > 1e-4
+            layer.lora_A["default"].weight = torch.nn.Parameter(layer.lora_A["default"].weight * 0.5)  # replaced
+            m(x)
+            assert len(calls) == n0 + 2
+        m.train()
+        with torch.no_grad():
+            m(x), m(x)
+        assert len(calls) == n0 + 2 + 2 * n0  # training mode always recomputes (n0: one per DoRA layer)
+    finally:
+        dora_mod.weight_norm = orig
