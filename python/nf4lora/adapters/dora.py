@@ -71,6 +71,7 @@ class DoRA(LoRA):
     has_row_scale = True
 
     def create(self, layer, name, cfg, init_lora_weights=True, dtype=None, init_options=None):
+        layer.__dict__.get("_dora_norms", {}).pop(name, None)  # (a reused tensor id must not hit)
         layer.lora_magnitude_vector[name] = LoraMagnitude(
             torch.empty(layer.out_features, device=layer.weight.device, dtype=dtype))
         super().create(layer, name, cfg, init_lora_weights, dtype, init_options)
@@ -93,6 +94,10 @@ class DoRA(LoRA):
         # PEFT: (m / ||W0 + dW||_row) * (W + dW)
         m = layer.lora_magnitude_vector[name].weight.float()
         return (m / (w0 + delta).norm(dim=1))[:, None] * (w + delta)
+
+    def delete(self, layer, name):
+        layer.__dict__.get("_dora_norms", {}).pop(name, None)
+        super().delete(layer, name)
 
     def suffix(self, part):
         return part if part == MAGNITUDE else super().suffix(part)  # PEFT writes it without ".weight"
