@@ -85,6 +85,16 @@ def _bad_grad(p, g, where):
     raise TypeError(f"grad dtype {g.dtype} differs from param dtype {p.dtype} ({where})")
 
 
+def _step_value(step, key):
+    """A saved 'step' (an int, or a one-element tensor holding one, as torch's optimizers save it)."""
+    if isinstance(step, torch.Tensor):
+        v = step.item() if step.numel() == 1 else None
+        step = int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"state of param {key}: step must be an int >= 0, got {step!r}")
+    return step
+
+
 class PagedAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, bias correction) with paged 32-bit or 8-bit state.
 
@@ -251,11 +261,7 @@ class PagedAdamW(torch.optim.Optimizer):
         n = p.numel()
         if not isinstance(st, dict) or not {"step", "exp_avg", "exp_avg_sq"} <= set(st):
             raise ValueError(f"state of param {key} must hold 'step', 'exp_avg', 'exp_avg_sq'")
-        step = st["step"]
-        if isinstance(step, torch.Tensor):
-            step = int(step.item())
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state of param {key}: step must be an int >= 0, got {step!r}")
+        step = _step_value(st["step"], key)
         eight = st["exp_avg"].dtype == torch.uint8
         expect = {"exp_avg": (n, torch.uint8 if eight else torch.float32),
                   "exp_avg_sq": (n, torch.uint8 if eight else torch.float32)}
@@ -276,11 +282,7 @@ class PagedAdamW(torch.optim.Optimizer):
         torch.distributed.checkpoint hands them back."""
         if not isinstance(st, dict) or not {"step", *_STATE32} <= set(st):
             raise ValueError(f"state of param {key} must hold 'step', 'exp_avg', 'exp_avg_sq'")
-        step = st["step"]
-        step = int(step.item()) if isinstance(step, torch.Tensor) else step
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state of param {key}: step must be an int >= 0, got {step!r}")
-        out = {"step": step}
+        out = {"step": _step_value(st["step"], key)}
         local = p._local_tensor
         for name in _STATE32:
             t = st[name]

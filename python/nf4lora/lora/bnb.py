@@ -25,6 +25,13 @@ def load_bnb_state_dict(model, state_dict, strict=True):
         if k.endswith(_FP4):
             raise ValueError(f"'{k}': the checkpoint is FP4-quantized; only NF4 is supported")
     modules = [k[: -len(_QS)] for k in state_dict if k.endswith(_QS)]
+    for name, layer in model.named_modules():  # NF4 codes (or their scales) without the quant state
+        prefix = f"{name}.weight" if name else "weight"
+        nf4_keys = (f"{prefix}.absmax" in state_dict or f"{prefix}.quant_map" in state_dict
+                    or (isinstance(layer, QLoRALinear) and prefix in state_dict))
+        if nf4_keys and (name or "") not in modules and f"{prefix}.quant_state.bitsandbytes__nf4" not in state_dict:
+            raise KeyError(f"state dict is missing '{prefix}.quant_state.bitsandbytes__nf4': it holds "
+                           f"bitsandbytes NF4 entries for '{prefix}' without their quant state")
     plan = []
     for name in modules:
         try:

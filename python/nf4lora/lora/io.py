@@ -173,12 +173,14 @@ def check_file(cfg, layers, weights, extra=None):
             raise _unexpected(key, layers, cfg["peft_type"])
     per_layer = {n: {} for n in layers}
     for key, (n, suffix, shape) in list(want.items()) + [(k, (None, None, s)) for k, s in shared.items()]:
+        whole = (f" (the state of a module adapter_config.json's modules_to_save={cfg.get('modules_to_save')!r} "
+                 "names)") if key in (extra or {}) else ""
         if key not in weights:
-            raise KeyError(f"adapter file is missing '{key}'")
+            raise KeyError(f"adapter file is missing '{key}'{whole}")
         t = weights[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != shape:
             got = tuple(getattr(t, "shape", ()))
-            hint = kind.shape_hint(cfg, n, suffix, got, shape) if n is not None else ""
+            hint = kind.shape_hint(cfg, n, suffix, got, shape) if n is not None else whole
             raise ValueError(f"adapter file key '{key}' must be a floating tensor of shape {shape}, got "
                              f"{getattr(t, 'dtype', type(t))} {got}{hint}")
         if not bool(torch.isfinite(t).all()):
