@@ -229,3 +229,15 @@ def three_adapters(base, dora=False, spread_magnitudes=False):
                         layer.lora_magnitude_vector[a].weight.mul_(1.0 + 0.1 * i + 0.05)
     return m.eval()
 
+
+def peft_three_adapters(model, base):
+    """PEFT's twin of three_adapters(base) (plain LoRA): the same three adapters on the dequantized
+    base of `model`, holding `model`'s adapter values, in eval mode."""
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(dequantized_copy(model, base),
+                        LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8))
+    pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=4))
+    pm.add_adapter("c", LoraConfig(target_modules="all-linear", r=3, lora_alpha=3))
+    copy_into_peft(model, pm)
+    pm.eval()
+    return pm

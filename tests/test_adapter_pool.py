@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import copy_into_peft, dequantized_copy, rel, single_adapter_logits, \
-    three_adapters, tiny_llama, tokens
+from model_utils import peft_three_adapters, rel, single_adapter_logits, three_adapters, tiny_llama, tokens
 
 NAMES = ["b", "default", "__base__", "c", "default", "b"]
 
@@ -46,14 +45,8 @@ def _pool(base, dirs, **kw):
 
 def test_pool_matches_peft_adapter_names(base, saved):
     pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model
     m, dirs = saved[False]
-    pm = get_peft_model(dequantized_copy(m, base),
-                        LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8))
-    pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=4))
-    pm.add_adapter("c", LoraConfig(target_modules="all-linear", r=3, lora_alpha=3))
-    copy_into_peft(m, pm)
-    pm.eval()
+    pm = peft_three_adapters(m, base)
     pool = _pool(base, dirs)
     x = tokens(batch=len(NAMES), seq=7)
     with torch.no_grad():

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import nf4lora as nl
-from model_utils import (copy_into_peft, dequantized_copy, rel, single_adapter_logits,
-                         three_adapters, tiny_llama, tokens)
+from model_utils import (peft_three_adapters, rel, single_adapter_logits, three_adapters, tiny_llama,
+                         tokens)
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,8 @@ def test_rows_equal_single_adapter_runs(base, dora):
 
 def test_matches_peft_adapter_names(base):
     pytest.importorskip("peft")
-    from peft import LoraConfig, get_peft_model
     m = _three_adapters(base)
-    pm = get_peft_model(dequantized_copy(m, base),
-                        LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8))
-    pm.add_adapter("b", LoraConfig(target_modules=["q_proj", "o_proj"], r=2, lora_alpha=4))
-    pm.add_adapter("c", LoraConfig(target_modules="all-linear", r=3, lora_alpha=3))
-    copy_into_peft(m, pm)
-    pm.eval()
+    pm = peft_three_adapters(m, base)
     x = tokens(batch=len(NAMES), seq=7)
     with torch.no_grad():
         want = pm(input_ids=x, adapter_names=NAMES).logits

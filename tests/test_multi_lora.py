@@ -14,6 +14,7 @@ import nf4lora as nl
 from nf4lora import _native
 from nf4lora.backends import multi_lora as backend
 from nf4lora.multi_lora import multi_lora_plan
+from multi_lora_refs import ref64, torch_lowp
 from numerics import rel_err
 
 ops = torch.ops.nf4lora
@@ -50,27 +51,6 @@ def per_row(x, q, A, B, idx, s, bias, ranks):
             r = ranks[e]
             rows.append(nl.qlora_linear(x[m:m + 1], q, A[e, :r], B[e, :, :r], float(s[e]), bias))
     return torch.cat(rows)
-
-
-def ref64(x, q, A, B, idx, s, bias):
-    w = nl.dequantize_nf4(q, torch.float64)
-    y = x.double() @ w.t() + bias.double()
-    for m in range(x.shape[0]):
-        e = int(idx[m])
-        if e >= 0:
-            y[m] += float(s[e]) * (x[m].double() @ A[e].double().t()) @ B[e].double().t()
-    return y
-
-
-def torch_lowp(x, q, A, B, idx, s, bias):
-    """What torch gives in x's 16-bit dtype: dequantized weight, matmul and LoRA in that dtype."""
-    dt = x.dtype
-    y = x @ nl.dequantize_nf4(q, dt).t() + bias.to(dt)
-    for m in range(x.shape[0]):
-        e = int(idx[m])
-        if e >= 0:
-            y[m] += (float(s[e]) * (x[m] @ A[e].to(dt).t()) @ B[e].to(dt).t()).to(dt)
-    return y
 
 
 # (M, N, K): awkward sizes, K not a multiple of 32 (odd NF4 nibble starts), N not of 16

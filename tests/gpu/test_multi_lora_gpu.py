@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import nf4lora as nl
+from multi_lora_refs import ref64, torch_lowp
 from numerics import rel_err
 
 if not torch.cuda.is_available():
@@ -25,26 +26,6 @@ def case(M, N, K, E, r, dtype, seed):
     x = torch.randn(M, K, generator=g).to(dtype)
     bias = torch.randn(N, generator=g)
     return x, q, A, B, idx, s, bias
-
-
-def ref64(x, q, A, B, idx, s, bias):
-    y = x.double() @ nl.dequantize_nf4(q, torch.float64).t() + bias.double()
-    for m in range(x.shape[0]):
-        e = int(idx[m])
-        if e >= 0:
-            y[m] += float(s[e]) * (x[m].double() @ A[e].double().t()) @ B[e].double().t()
-    return y
-
-
-def torch_lowp(x, q, A, B, idx, s, bias):
-    """What torch gives in x's 16-bit dtype: dequantized weight, matmul and LoRA in that dtype."""
-    dt = x.dtype
-    y = x @ nl.dequantize_nf4(q, dt).to(x.device).t() + bias.to(dt)
-    for m in range(x.shape[0]):
-        e = int(idx[m])
-        if e >= 0:
-            y[m] += (float(s[e]) * (x[m] @ A[e].to(dt).t()) @ B[e].to(dt).t()).to(dt)
-    return y
 
 
 @pytest.mark.parametrize("min_rows", [1, 10**6, None])
