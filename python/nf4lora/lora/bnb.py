@@ -7,8 +7,8 @@ from torch import nn
 
 from .._files import atomic_path
 from ..nf4 import NF4Tensor
-from ..nn import ADAPTER_PARTS, QLoRALinear
-from .model import _set_child
+from ..nn import QLoRALinear
+from .model import TRAINED_PARTS, _set_child
 
 _QS = ".weight.quant_state.bitsandbytes__nf4"
 _FP4 = ".weight.quant_state.bitsandbytes__fp4"
@@ -80,7 +80,7 @@ def bnb_state_dict(model, include_adapters=False):
 
 
 def _is_adapter_key(key):
-    return any(f".{part}." in key for part in (*ADAPTER_PARTS, "modules_to_save"))
+    return any(f".{part}." in key for part in TRAINED_PARTS)
 
 
 def save_bnb_checkpoint(model, path, include_adapters=False):
